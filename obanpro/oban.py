@@ -1,0 +1,264 @@
+"""The `Oban` instance: enqueueing, and running queues inside an application.
+
+``async with Oban(dsn=..., queues={"default": 10}):`` runs the queues on the
+application's own event loop, in this one process, with a slot table in
+private memory. ``obanpro start`` and `obanpro.run` run queues in several
+forked processes instead; inside each of them an `Oban` without queues serves
+the jobs that enqueue other jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from datetime import UTC
+from typing import Any, ClassVar
+
+import asyncpg
+
+from . import queries, schema, slots
+from .config import parse_queues
+from .db import create_pool
+from .job import Job, JobState, encode_object, to_utc
+from .runtime import Runtime
+from .stager import Stager
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "Oban"
+
+
+class Oban:
+    """Enqueues jobs and, when given queues, runs them in this process.
+
+    Args:
+        pool: an asyncpg pool to use; when omitted, one is opened from ``dsn``.
+        dsn: connection string, used when ``pool`` is omitted and by the queues' own connections.
+        queues: ``{"default": 10}`` or ``"default:10,mailers:5"``; omit to only enqueue.
+        name: instance name, used by workers' ``enqueue`` and in signal idents.
+        node: node name written to ``attempted_by``; the host name by default.
+        prefix: schema of the Oban tables.
+        import_roots: packages from which unknown worker names may be imported.
+        grace_period: seconds `stop` waits for running jobs.
+        stager: ``{"interval": 1.0, "limit": 20_000}``.
+        pool_min_size, pool_max_size: size of the pool opened from ``dsn``.
+
+    Raises:
+        TypeError, ValueError: for a bad argument, naming it.
+    """
+
+    _instances: ClassVar[dict[str, Oban]] = {}
+
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool | None = None,
+        dsn: str | None = None,
+        queues: Mapping[str, Any] | str | None = None,
+        name: str = DEFAULT_NAME,
+        node: str | None = None,
+        prefix: str = "public",
+        import_roots: Iterable[str] = (),
+        grace_period: float = 15.0,
+        stager: Mapping[str, Any] | None = None,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+    ) -> None:
+        if pool is None and dsn is None:
+            raise TypeError("Oban needs pool= (an asyncpg.Pool) or dsn=")
+        if pool is not None and not isinstance(pool, asyncpg.Pool):
+            raise TypeError(f"invalid pool {pool!r}: expected an asyncpg.Pool")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"invalid name {name!r}: expected a non-empty string")
+
+        self.name = name
+        self.node = node or socket.gethostname()
+        self.prefix = queries.check_prefix(prefix)
+        self.queues = parse_queues(queues) if queues is not None else {}
+
+        if self.queues and dsn is None:
+            raise TypeError("Oban with queues needs dsn=, for the connections that listen and fetch")
+        self.dsn = dsn
+        self.pool = pool
+        self.grace_period = grace_period
+        self._owns_pool = pool is None
+        self._import_roots = tuple(import_roots)
+        self._stager_options = dict(stager or {})
+        self._pool_sizes = (pool_min_size, pool_max_size)
+        self._runtime: Runtime | None = None
+        self._stager: Stager | None = None
+        self._insert_sql = queries.load("insert_jobs", self.prefix)
+        self._started = False
+
+    @classmethod
+    def get_instance(cls, name: str = DEFAULT_NAME) -> Oban:
+        """Return the started instance called ``name``; raise RuntimeError when there is none."""
+        instance = cls._instances.get(name)
+        if instance is None:
+            raise RuntimeError(
+                f"no started Oban instance named {name!r}: start one with `async with Oban(...)` "
+                "or run the job under obanpro start"
+            )
+        return instance
+
+    # Lifecycle
+
+    async def start(self) -> Oban:
+        """Open the pool, register this instance and start its queues, if any."""
+        if self._started:
+            return self
+
+        if self.pool is None:
+            self.pool = await create_pool(self.dsn, min_size=self._pool_sizes[0], max_size=self._pool_sizes[1])
+
+        if self.queues:
+            await schema.verify(self.pool, self.prefix)
+            await self._start_queues()
+
+        Oban._instances[self.name] = self
+        self._started = True
+        return self
+
+    async def stop(self) -> None:
+        """Stop taking jobs, wait up to ``grace_period`` for running ones, store their results, close."""
+        if Oban._instances.get(self.name) is self:
+            del Oban._instances[self.name]
+
+        if self._stager:
+            await self._stager.stop()
+
+        if self._runtime:
+            await self._runtime.drain(self.grace_period)
+            await self._runtime.stop()
+
+        if self._owns_pool and self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+        self._started = False
+
+    async def __aenter__(self) -> Oban:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    async def _start_queues(self) -> None:
+        table = slots.private_table(self.node, self.queues)
+        table.register_worker(0, os.getpid(), os.urandom(16))
+
+        self._runtime = Runtime(
+            dsn=self.dsn,
+            prefix=self.prefix,
+            node=self.node,
+            slots=table,
+            import_roots=self._import_roots,
+            supervised=False,
+        )
+        await self._runtime.start()
+
+        self._stager = Stager(self.pool, self.prefix, lambda: list(self.queues), **self._stager_options)
+        self._stager.start()
+
+    # Enqueueing
+
+    async def enqueue(self, job: Job, *, conn: asyncpg.Connection | None = None) -> Job:
+        """Insert one job; with ``conn``, inside that connection's transaction.
+
+        Raises:
+            ValueError: when args or meta are not a JSON object of serialisable values, naming the key.
+        """
+        return (await self.enqueue_many([job], conn=conn))[0]
+
+    async def enqueue_many(self, *jobs: Job | Iterable[Job], conn: asyncpg.Connection | None = None) -> list[Job]:
+        """Insert many jobs in one statement; accepts an iterable or the jobs as arguments.
+
+        With ``conn`` the insert joins that connection's transaction: a rollback
+        leaves no job and sends no notification.
+        """
+        batch = _flatten(jobs)
+        if not batch:
+            return []
+
+        columns = _columns(batch)
+        executor = conn if conn is not None else self._require_pool()
+        rows = await executor.fetch(self._insert_sql, *columns)
+
+        for job, row in zip(batch, rows):
+            job.id = row["id"]
+            job.state = JobState(row["state"])
+            job.inserted_at = to_utc(row["inserted_at"])
+            job.scheduled_at = to_utc(row["scheduled_at"])
+
+        return batch
+
+    async def get_job(self, job_id: int) -> Job | None:
+        """Return the job with ``job_id``, or None."""
+        row = await self._require_pool().fetchrow(
+            f"""
+            SELECT id, state::text, queue, worker, attempt, max_attempts, priority, args::text, meta::text,
+                   to_jsonb(errors)::text AS errors, tags, attempted_by, inserted_at, scheduled_at,
+                   attempted_at, cancelled_at, completed_at, discarded_at
+            FROM {self.prefix}.oban_jobs WHERE id = $1
+            """,
+            job_id,
+        )
+        return None if row is None else job_from_row(row)
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise RuntimeError("this Oban instance is not started: use `async with Oban(...)` or `await oban.start()`")
+        return self.pool
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """Build a Job from a full ``oban_jobs`` row whose JSON columns were read as text."""
+    job = Job.__new__(Job)
+    for field in ("id", "queue", "worker", "attempt", "max_attempts", "priority", "tags", "attempted_by"):
+        setattr(job, field, row[field])
+
+    job.state = JobState(row["state"])
+    job.args = json.loads(row["args"])
+    job.meta = json.loads(row["meta"])
+    job.errors = json.loads(row["errors"])
+
+    for field in ("inserted_at", "scheduled_at", "attempted_at", "cancelled_at", "completed_at", "discarded_at"):
+        value = row[field]
+        setattr(job, field, None if value is None else to_utc(value))
+
+    job.extra = {}
+    job._cancel_check = None
+    return job
+
+
+def _flatten(jobs: tuple[Job | Iterable[Job], ...]) -> list[Job]:
+    if len(jobs) == 1 and not isinstance(jobs[0], Job):
+        jobs = tuple(jobs[0])  # type: ignore[arg-type]
+
+    for position, job in enumerate(jobs):
+        if not isinstance(job, Job):
+            raise TypeError(f"invalid job at position {position}: expected a Job, got {type(job).__name__}")
+
+    return list(jobs)  # type: ignore[arg-type]
+
+
+def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
+    queues, workers, args, metas, tags, attempts, priorities, scheduled = [], [], [], [], [], [], [], []
+
+    for job in batch:
+        job.validate()
+        queues.append(job.queue)
+        workers.append(job.worker)
+        args.append(encode_object(job.args, "args"))
+        metas.append(encode_object(job.meta, "meta"))
+        tags.append(json.dumps(job.tags))
+        attempts.append(job.max_attempts)
+        priorities.append(job.priority)
+        scheduled.append(None if job.scheduled_at is None else job.scheduled_at.astimezone(UTC).replace(tzinfo=None))
+
+    return queues, workers, args, metas, tags, attempts, priorities, scheduled
+

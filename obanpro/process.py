@@ -1,0 +1,68 @@
+"""Process plumbing shared by the supervisor and its children: exit codes, death signals, signal names."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import random
+import signal
+import sys
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_SETUP_FAILED = 3
+"""The worker's setup hook raised: the supervisor stops the node instead of respawning."""
+EXIT_RECYCLED = 4
+"""The worker reached its job or memory limit and asks to be replaced at once."""
+EXIT_START_FAILED = 5
+"""The worker could not connect at start; the supervisor respawns it with backoff."""
+
+EXIT_MEANINGS = {
+    EXIT_CRASHED: "crashed",
+    EXIT_SETUP_FAILED: "its setup hook failed",
+    EXIT_RECYCLED: "recycled",
+    EXIT_START_FAILED: "could not start",
+}
+
+_PR_SET_PDEATHSIG = 1
+_libc = None
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies; return False elsewhere."""
+    global _libc
+
+    if not sys.platform.startswith("linux"):
+        return False
+
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+    return _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def describe_status(status: int) -> tuple[str, int | None, int | None]:
+    """Return (cause, exit code, signal number) for a ``waitpid`` status."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        return f"was killed by {signal_name(signum)}", None, signum
+
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with code {code}", code, None
+
+
+def reset_after_fork() -> None:
+    """Give a forked child default signal handlers and fresh random state before anything else runs."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_DFL)
+
+    signal.set_wakeup_fd(-1)
+    random.seed()

@@ -1,0 +1,172 @@
+"""Fetches jobs for one queue in one worker process.
+
+A producer takes free slots from the slot table first and then fetches at most
+that many jobs, so the queue's limit holds across every process of the node
+without a coordinator. It wakes on the insert notification, when a slot frees
+up, when a sibling process asks, and on a one-second poll, so a lost
+notification costs at most that second.
+
+Work spreading: a process may always hold its share of the queue's limit
+(the limit divided by the live worker processes). It takes more only once a
+CPU sample taken after its last take shows it is not saturated, so a process
+busy with CPU-bound sync jobs leaves the rest of the slots, and the rows they
+would mark executing, to its idle siblings, while a process running I/O-bound
+async jobs can still fill the whole limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from . import _core, queries, telemetry
+from .db import CONNECTION_ERRORS, QUERY_TIMEOUT, Backoff, recover
+from .job import Job, JobState
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0
+
+
+class Producer:
+    """The fetch loop of one queue in one worker process."""
+
+    def __init__(self, runtime: Runtime, queue: str, queue_index: int) -> None:
+        self.runtime = runtime
+        self.queue = queue
+        self.queue_index = queue_index
+        self.uuid = uuid.uuid5(runtime.uuid, queue)
+        self.attempted_by = [runtime.node, str(self.uuid)]
+        self.held = 0
+        self.limited = False
+        self.last_take_ns = 0
+        self._fetch_sql = queries.load("fetch_jobs", runtime.prefix)
+        self._release_sql = queries.load("release_orphans", runtime.prefix)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._orphans_possible = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"obanpro-producer-{self.queue}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Let the loop finish its current fetch and end; it takes no slots afterwards."""
+        self.wake()
+        if self._task:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        backoff = Backoff()
+        runtime = self.runtime
+
+        while not runtime.draining:
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+            try:
+                if self._orphans_possible:
+                    await self._release_orphans()
+                await self._dispatch()
+                backoff.reset()
+            except CONNECTION_ERRORS as error:
+                log.warning(
+                    "fetching queue %s failed in pid %s: %r; retrying in %.2f s",
+                    self.queue,
+                    runtime.pid,
+                    error,
+                    backoff.delay,
+                )
+                recover(runtime.pool, error)
+                await backoff.sleep()
+                self.wake()
+            except Exception:
+                log.exception("fetching queue %s failed in pid %s", self.queue, runtime.pid)
+                await backoff.sleep()
+                self.wake()
+
+    async def _dispatch(self) -> None:
+        runtime = self.runtime
+        slots = runtime.slots
+
+        while not runtime.draining:
+            demand = self._demand()
+            if demand <= 0:
+                return
+
+            entries = slots.take(self.queue_index, runtime.pid, demand, runtime.worker_index * 7)
+            if not entries:
+                return
+
+            self.last_take_ns = time.monotonic_ns()
+            try:
+                jobs = await self._fetch(len(entries))
+            except BaseException:
+                self._orphans_possible = True
+                for entry in entries:
+                    slots.release(entry, runtime.pid)
+                raise
+
+            for entry in entries[len(jobs):]:
+                slots.release(entry, runtime.pid)
+
+            self.held += len(jobs)
+            for job, entry in zip(jobs, entries):
+                runtime.start_job(self, job, entry)
+
+            if len(jobs) < len(entries):
+                return
+
+    def _demand(self) -> int:
+        runtime = self.runtime
+        limit = runtime.slots.limit(self.queue_index)
+        share = math.ceil(limit / max(1, runtime.live_workers()))
+        demand = share - self.held
+
+        if runtime.cpu_idle_since(self.last_take_ns):
+            demand = limit - self.held
+
+        self.limited = demand <= 0 and self.held < limit
+        if self.limited and runtime.slots.counts(self.queue_index)[0] > 0:
+            runtime.wake_siblings()
+
+        return demand
+
+    async def _fetch(self, demand: int) -> list[Job]:
+        runtime = self.runtime
+
+        with telemetry.span("oban.producer.get", {"queue": self.queue}) as span:
+            async with runtime.pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+                rows = await conn.fetch(self._fetch_sql, self.queue, demand, self.attempted_by, timeout=QUERY_TIMEOUT)
+            span.add({"count": len(rows)})
+
+        return _core.decode_jobs(rows, Job, JobState.EXECUTING)
+
+    async def _release_orphans(self) -> None:
+        """Give back rows this producer marked executing in a fetch whose reply was lost."""
+        running = [job.id for job in self.runtime.running_jobs(self.queue)]
+
+        async with self.runtime.pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+            released = await conn.fetch(self._release_sql, self.queue, str(self.uuid), running, timeout=QUERY_TIMEOUT)
+
+        self._orphans_possible = False
+        if released:
+            log.warning(
+                "made %d jobs of queue %s available again after a fetch whose reply was lost: %s",
+                len(released),
+                self.queue,
+                [row[0] for row in released],
+            )

@@ -1,0 +1,382 @@
+"""The worker runtime: producers, executor and acker for a node's queues, on one event loop.
+
+Each worker process runs one `Runtime`, built after the fork, with its own
+loop, its own connections and its own thread pool for sync jobs. An `Oban`
+embedded in an application runs one too, on the application's loop, with a
+slot table in private memory instead of shared memory.
+
+The runtime owns three connections' worth of pool for fetching, acking and
+orphan checks, plus the LISTEN connection of its notifier. Job code gets a
+separate pool through ``Oban.get_instance()``, so jobs that hold every
+connection of that pool cannot starve fetches and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import asyncpg
+
+from . import _core
+from .acker import Acker
+from .db import create_pool
+from .executor import AckAction, Executor
+from .job import Job
+from .notifier import Notifier
+from .producer import Producer
+from .worker import lookup
+
+log = logging.getLogger(__name__)
+
+MONITOR_INTERVAL = 0.05
+HEARTBEAT_INTERVAL = 1.0
+CPU_BUSY_FRACTION = 0.6
+"""Share of one core above which a process counts as saturated with CPU work (an estimate:
+a CPU-bound process measured 0.6 to 1.0 here, with PostgreSQL on the same cores)."""
+
+_PAGE_SIZE = resource.getpagesize()
+
+
+def resident_bytes() -> int:
+    """Return this process's resident set size in bytes (Linux ``/proc``, else the peak)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_SIZE
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Runtime:
+    """Runs the queues of a slot table in this process.
+
+    Args:
+        dsn: connection string for the runtime's own connections.
+        prefix: schema of the Oban tables.
+        node: node name written to ``attempted_by``.
+        slots: the node's slot table (shared) or a private one.
+        worker_index: this process's record in the slot table.
+        import_roots: packages from which unknown worker names may be imported.
+        supervised: True under a supervisor that enforces deadlines and rescues.
+        wake_fd: read end of this process's wake pipe, or None.
+        sibling_fds: write ends of the other worker processes' wake pipes.
+        max_jobs: recycle the process after this many jobs (0: never).
+        max_memory: recycle the process above this many resident bytes (0: never).
+    """
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        prefix: str,
+        node: str,
+        slots: _core.SlotTable,
+        worker_index: int = 0,
+        import_roots: Iterable[str] = (),
+        supervised: bool = False,
+        wake_fd: int | None = None,
+        sibling_fds: Sequence[int] = (),
+        max_jobs: int = 0,
+        max_memory: int = 0,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.prefix = prefix
+        self.node = node
+        self.slots = slots
+        self.worker_index = worker_index
+        self.pid = os.getpid()
+        self.uuid = uuid.uuid4()
+        self.supervised = supervised
+        self.draining = False
+        self.recycle_reason: str | None = None
+        self.finished = asyncio.Event()
+        self.pool: asyncpg.Pool = pool  # type: ignore[assignment]
+        self._owns_pool = pool is None
+        self._import_roots = tuple(import_roots)
+        self._wake_fd = wake_fd
+        self._sibling_fds = tuple(sibling_fds)
+        self._max_jobs = max_jobs
+        self._max_memory = max_memory
+        self._producers: dict[str, Producer] = {}
+        self._running: dict[int, tuple[asyncio.Task[None], Job, Producer]] = {}
+        self._threads = ThreadPoolExecutor(thread_name_prefix="obanpro-job")
+        self._executor = Executor(
+            threads=self._threads,
+            import_roots=self._import_roots,
+            supervised=supervised,
+            cancel_check=slots.cancel_requested,
+            on_deadline=self._record_deadline,
+        )
+        self._acker: Acker | None = None
+        self._notifier: Notifier | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._generation = -1
+        self._jobs_run = 0
+        self._live_workers = 1
+        self._cpu_busy = False
+        self._sample_start_ns = 0
+        self._last_sibling_wake = 0.0
+        self._cancelled: set[int] = set()
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Open connections, start listening and start a producer per running queue."""
+        if self.pool is None:
+            self.pool = await create_pool(self.dsn, min_size=1, max_size=3)
+
+        self._acker = Acker(self.pool, self.prefix, self._on_acked)
+        self._acker.start()
+
+        self._notifier = Notifier(self.dsn, self.prefix, {"insert": self._on_insert}, on_reconnect=self._on_reconnect)
+        await self._notifier.start()
+
+        self._refresh_queues()
+        self._refresh_live_workers()
+        self.slots.set_worker_state(self.worker_index, _core.WORKER_RUNNING)
+
+        if self._wake_fd is not None:
+            os.set_blocking(self._wake_fd, False)
+            asyncio.get_running_loop().add_reader(self._wake_fd, self._on_wake_pipe)
+
+        self._monitor = asyncio.create_task(self._monitor_loop(), name="obanpro-monitor")
+
+    async def drain(self, grace: float) -> bool:
+        """Stop taking jobs, wait up to ``grace`` seconds for running ones, and store every ack.
+
+        Returns True when nothing was left running or unacked.
+        """
+        deadline = time.monotonic() + grace
+        self.draining = True
+        self.slots.set_worker_state(self.worker_index, _core.WORKER_DRAINING)
+
+        await asyncio.gather(*(producer.stop() for producer in self._producers.values()))
+
+        tasks = [task for task, _job, _producer in self._running.values()]
+        if tasks:
+            log.info("pid %s waiting up to %.1f s for %d running jobs", self.pid, max(0.0, deadline - time.monotonic()), len(tasks))
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+
+        flushed = await self._acker.flush(max(0.1, deadline - time.monotonic())) if self._acker else True
+        left = len(self._running)
+        if left:
+            log.warning(
+                "pid %s stops with %d jobs still running after the %.1f s grace period: %s; they are left for rescue",
+                self.pid,
+                left,
+                grace,
+                sorted(job.id for _task, job, _producer in self._running.values()),
+            )
+        return flushed and not left
+
+    async def stop(self) -> None:
+        """Cancel what still runs and close connections. Call `drain` first for a graceful stop."""
+        self.draining = True
+
+        if self._wake_fd is not None:
+            asyncio.get_running_loop().remove_reader(self._wake_fd)
+
+        if self._monitor:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+
+        for producer in self._producers.values():
+            await producer.stop()
+
+        if self._notifier:
+            await self._notifier.stop()
+
+        if self._acker:
+            await self._acker.stop()
+
+        for task, _job, _producer in list(self._running.values()):
+            task.cancel()
+
+        if self._owns_pool and self.pool is not None:
+            await _close_pool(self.pool)
+
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    # Jobs
+
+    def start_job(self, producer: Producer, job: Job, entry: int) -> None:
+        self.slots.set_job(entry, job.id, job.attempt, self.worker_index, 0.0)
+        task = asyncio.create_task(self._run(producer, job, entry), name=f"obanpro-job-{job.id}")
+        self._running[entry] = (task, job, producer)
+
+    async def _run(self, producer: Producer, job: Job, entry: int) -> None:
+        action = await self._executor.run(job, entry)
+        self._acker.add(action)
+
+    def _record_deadline(self, entry: int, timeout: float) -> None:
+        job = self._running[entry][1]
+        self.slots.set_job(entry, job.id, job.attempt, self.worker_index, timeout)
+
+    def _on_acked(self, batch: list[AckAction]) -> None:
+        woken: set[Producer] = set()
+
+        for action in batch:
+            running = self._running.pop(action.entry, None)
+            self._cancelled.discard(action.entry)
+            self.slots.release(action.entry, self.pid)
+            if running is not None:
+                producer = running[2]
+                producer.held -= 1
+                woken.add(producer)
+
+        self._jobs_run += len(batch)
+        self.slots.add_jobs_run(self.worker_index, len(batch))
+
+        if self._max_jobs and self._jobs_run >= self._max_jobs and not self.draining:
+            self._begin_recycle(f"it ran {self._jobs_run} jobs (max-jobs-per-process {self._max_jobs})")
+
+        for producer in woken:
+            producer.wake()
+
+        if self.draining and not self._running and self.recycle_reason:
+            self.finished.set()
+
+    def running_jobs(self, queue: str | None = None) -> list[Job]:
+        return [job for _task, job, producer in self._running.values() if queue is None or producer.queue == queue]
+
+    # Work spreading
+
+    def live_workers(self) -> int:
+        return self._live_workers
+
+    def cpu_idle_since(self, since_ns: int) -> bool:
+        """Return True when the last CPU sample began after ``since_ns`` and found the process unsaturated."""
+        return not self._cpu_busy and self._sample_start_ns >= since_ns
+
+    def wake_siblings(self) -> None:
+        now = time.monotonic()
+        if not self._sibling_fds or now - self._last_sibling_wake < 0.005:
+            return
+
+        self._last_sibling_wake = now
+        for fd in self._sibling_fds:
+            try:
+                os.write(fd, b"w")
+            except (BlockingIOError, BrokenPipeError, OSError):
+                pass
+
+    def wake_all(self) -> None:
+        for producer in self._producers.values():
+            producer.wake()
+
+    # Events
+
+    def _on_insert(self, _channel: str, payload: dict[str, Any]) -> None:
+        producer = self._producers.get(payload.get("queue"))  # type: ignore[arg-type]
+        if producer is not None:
+            producer.wake()
+
+    async def _on_reconnect(self) -> None:
+        self.wake_all()
+
+    def _on_wake_pipe(self) -> None:
+        try:
+            while os.read(self._wake_fd, 4096):  # type: ignore[arg-type]
+                pass
+        except BlockingIOError:
+            pass
+
+        self._check_cancels()
+        self.wake_all()
+
+    # Monitoring
+
+    async def _monitor_loop(self) -> None:
+        wall = time.monotonic()
+        cpu = time.process_time()
+        last_heartbeat = 0.0
+
+        while True:
+            self._sample_start_ns = time.monotonic_ns()
+            await asyncio.sleep(MONITOR_INTERVAL)
+
+            now, now_cpu = time.monotonic(), time.process_time()
+            was_busy = self._cpu_busy
+            self._cpu_busy = (now_cpu - cpu) / max(now - wall, 1e-6) > CPU_BUSY_FRACTION
+            wall, cpu = now, now_cpu
+
+            if not self._cpu_busy:
+                for producer in self._producers.values():
+                    if producer.limited or was_busy:
+                        producer.wake()
+
+            self._check_cancels()
+            self._refresh_live_workers()
+            if self.slots.generation != self._generation:
+                self._refresh_queues()
+
+            if now - last_heartbeat >= HEARTBEAT_INTERVAL:
+                last_heartbeat = now
+                self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        rss = resident_bytes()
+        self.slots.heartbeat(self.worker_index, rss, self._cpu_busy)
+
+        if self._max_memory and rss > self._max_memory and not self.draining:
+            self._begin_recycle(
+                f"its resident memory {rss // 1048576} MB is over max-memory-per-process {self._max_memory // 1048576} MB"
+            )
+
+    def _begin_recycle(self, reason: str) -> None:
+        log.info("pid %s stops taking jobs and will be replaced: %s", self.pid, reason)
+        self.recycle_reason = reason
+        self.draining = True
+        self.slots.set_worker_state(self.worker_index, _core.WORKER_DRAINING)
+        self.wake_siblings()
+        if not self._running:
+            self.finished.set()
+
+    def _check_cancels(self) -> None:
+        for entry, (task, job, _producer) in self._running.items():
+            if entry in self._cancelled or not self.slots.cancel_requested(entry):
+                continue
+
+            self._cancelled.add(entry)
+            cls = lookup(job.worker)
+            if cls is not None and cls.__obanpro_async__:
+                log.info("cancelling running job %s (%s) in pid %s", job.id, job.worker, self.pid)
+                task.cancel()
+
+    def _refresh_live_workers(self) -> None:
+        live = 0
+        for index in range(self.slots.max_workers):
+            if self.slots.worker_pid(index) and self.slots.worker_state(index) in (
+                _core.WORKER_STARTING,
+                _core.WORKER_RUNNING,
+            ):
+                live += 1
+        self._live_workers = max(1, live)
+
+    def _refresh_queues(self) -> None:
+        self._generation = self.slots.generation
+
+        for name, index in self.slots.queues().items():
+            if name in self._producers or self.slots.queue_state(index) != _core.QUEUE_RUNNING:
+                continue
+
+            producer = Producer(self, name, index)
+            self._producers[name] = producer
+            if not self.draining:
+                producer.start()
+                producer.wake()
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except (asyncio.TimeoutError, OSError, asyncpg.InterfaceError):
+        pool.terminate()

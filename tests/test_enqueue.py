@@ -1,0 +1,178 @@
+"""Inserting jobs: single, bulk, transactional, scheduled, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from obanpro import Job
+from obanpro.oban import Oban
+from obanpro.notifier import channel_name
+
+from . import workers
+from .conftest import job_states
+
+
+async def test_enqueue_returns_inserted_job(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    job = await workers.Noop.enqueue({"a": 1}, priority=3, tags=["B", " a ", "b", ""], meta={"m": True}, max_attempts=7)
+
+    row = await conn.fetchrow(f"SELECT * FROM {prefix}.oban_jobs WHERE id = $1", job.id)
+    assert row["worker"] == "tests.workers.Noop"
+    assert row["state"] == "available"
+    assert row["priority"] == 3
+    assert row["max_attempts"] == 7
+    assert row["tags"] == ["a", "b"]
+    assert row["args"] == '{"a": 1}'
+    assert row["meta"] == '{"m": true}'
+    assert job.state == "available"
+    assert job.inserted_at.tzinfo is not None
+
+
+async def test_enqueue_many_uses_one_statement(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    statements: list[str] = []
+
+    async with oban.pool.acquire() as pooled:
+        pooled.add_query_logger(lambda record: statements.append(record.query))
+        jobs = await oban.enqueue_many([workers.Noop.new({"i": i}) for i in range(2_000)], conn=pooled)
+
+    inserts = [statement for statement in statements if "oban_jobs" in statement]
+    assert len(inserts) == 1
+    assert [job.args["i"] for job in jobs] == list(range(2_000))
+    assert [job.id for job in jobs] == sorted(job.id for job in jobs)
+    rows = await conn.fetch(f"SELECT id, args->>'i' AS i FROM {prefix}.oban_jobs ORDER BY id")
+    assert [(row["id"], int(row["i"])) for row in rows] == [(job.id, job.args["i"]) for job in jobs]
+
+
+async def test_enqueue_many_accepts_varargs(oban: Oban) -> None:
+    jobs = await oban.enqueue_many(workers.Noop.new(), workers.Noop.new())
+
+    assert len(jobs) == 2
+    assert all(job.id for job in jobs)
+
+
+async def test_schedule_in_makes_job_scheduled(oban: Oban) -> None:
+    later = await workers.Noop.enqueue(schedule_in=60)
+    at = await workers.Noop.enqueue(scheduled_at=datetime.now(UTC) + timedelta(hours=1))
+    past = await workers.Noop.enqueue(scheduled_at=datetime.now(UTC) - timedelta(hours=1))
+
+    assert later.state == "scheduled"
+    assert at.state == "scheduled"
+    assert past.state == "available"
+    assert abs((later.scheduled_at - datetime.now(UTC)).total_seconds() - 60) < 5
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([1, 2], "expected a JSON object"),
+        ("text", "expected a JSON object"),
+        ({"when": datetime(2020, 1, 1)}, "args['when'] (datetime is not JSON-serialisable)"),
+        ({"outer": {"inner": {1, 2}}}, "args['outer']['inner'] (set is not JSON-serialisable)"),
+        ({"nan": float("nan")}, "args['nan']"),
+        ({1: "int key"}, "keys must be strings"),
+    ],
+)
+async def test_bad_args_raise_and_insert_nothing(
+    oban: Oban, conn: asyncpg.Connection, prefix: str, args: object, fragment: str
+) -> None:
+    good = workers.Noop.new({"ok": True})
+    bad = workers.Noop.new()
+    bad.args = args
+
+    with pytest.raises(ValueError) as raised:
+        await oban.enqueue_many([good, bad])
+
+    assert fragment in str(raised.value)
+    assert await job_states(conn, prefix) == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("priority", 10, ValueError),
+        ("priority", -1, ValueError),
+        ("priority", "1", TypeError),
+        ("max_attempts", 0, ValueError),
+        ("queue", "", ValueError),
+        ("queue", "q" * 128, ValueError),
+        ("tags", "one", TypeError),
+    ],
+)
+def test_invalid_field_names_it(field: str, value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match=field):
+        workers.Noop.new({}, **{field: value})
+
+
+async def test_rollback_leaves_no_job_and_no_notification(oban: Oban, dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+    received: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener(channel_name(prefix, "insert"), lambda *args: received.append(args[3]))
+
+    try:
+        async with oban.pool.acquire() as pooled:
+            transaction = pooled.transaction()
+            await transaction.start()
+            await workers.Noop.enqueue({"x": 1}, conn=pooled)
+            await transaction.rollback()
+
+        await workers.Noop.enqueue({"after": True}, queue="marker")
+        await _wait_until(lambda: received)
+        assert received == ['{"queue":"marker"}']
+        assert await job_states(conn, prefix) == {"available": 1}
+    finally:
+        await listener.close()
+
+
+async def test_commit_notifies_each_queue_once(oban: Oban, dsn: str, prefix: str) -> None:
+    received: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener(channel_name(prefix, "insert"), lambda *args: received.append(args[3]))
+
+    try:
+        async with oban.pool.acquire() as pooled, pooled.transaction():
+            await oban.enqueue_many([workers.Noop.new(queue="a") for _ in range(5)] + [workers.Noop.new(queue="b")], conn=pooled)
+            await workers.Noop.enqueue(queue="later", schedule_in=60, conn=pooled)
+            await asyncio.sleep(0.1)
+            assert received == []
+
+        await _wait_until(lambda: len(received) >= 2)
+        assert sorted(received) == ['{"queue":"a"}', '{"queue":"b"}']
+    finally:
+        await listener.close()
+
+
+async def test_large_args_do_not_reach_the_notification(oban: Oban, dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+    received: list[str] = []
+    listener = await asyncpg.connect(dsn)
+    await listener.add_listener(channel_name(prefix, "insert"), lambda *args: received.append(args[3]))
+
+    try:
+        job = await workers.Noop.enqueue({"blob": "x" * 5_000_000})
+        await _wait_until(lambda: received)
+        assert all(len(payload) < 100 for payload in received)
+        assert await conn.fetchval(f"SELECT length(args->>'blob') FROM {prefix}.oban_jobs WHERE id = $1", job.id) == 5_000_000
+    finally:
+        await listener.close()
+
+
+async def test_worker_enqueue_without_instance_explains() -> None:
+    with pytest.raises(RuntimeError, match="no started Oban instance named 'Oban'"):
+        await workers.Noop.enqueue()
+
+
+async def test_function_job_binds_arguments(oban: Oban) -> None:
+    job = await workers.add.enqueue(1, b=2)
+
+    assert job.args == {"a": 1, "b": 2}
+    assert job.worker == "tests.workers.add"
+    with pytest.raises(TypeError, match="tests.workers.add"):
+        workers.add.new(1, 2, 3)
+
+
+async def _wait_until(condition, timeout: float = 5.0) -> None:
+    from .conftest import wait_for
+
+    await wait_for(condition, timeout)

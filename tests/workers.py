@@ -1,0 +1,140 @@
+"""Workers the tests run, in this process and in `obanpro start` subprocesses (--import tests.workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import hashlib
+import os
+import signal
+import time
+
+from obanpro import Cancel, Record, Snooze, current_job, job, worker
+
+
+@worker(queue="default")
+class Noop:
+    async def process(self, job):
+        return None
+
+
+@worker(queue="default")
+class SyncNoop:
+    def process(self, job):
+        return None
+
+
+@worker(queue="default", max_attempts=3)
+class Fail:
+    async def process(self, job):
+        raise ValueError(f"failing on purpose: {job.args.get('note', '')}")
+
+
+@worker(queue="default", max_attempts=3)
+class FastRetry:
+    """Fails until the attempt named in args, retrying after zero seconds."""
+
+    async def process(self, job):
+        if job.attempt < job.args.get("succeed_on", 99):
+            raise RuntimeError(f"attempt {job.attempt} failed")
+        return Record({"attempt": job.attempt})
+
+    def backoff(self, job):
+        return 0
+
+
+@worker(queue="default")
+class Snoozer:
+    async def process(self, job):
+        return Snooze(job.args.get("seconds", 60), meta=job.args.get("meta"))
+
+
+@worker(queue="default")
+class Canceller:
+    async def process(self, job):
+        return Cancel(job.args.get("reason", "not needed"))
+
+
+@worker(queue="default")
+class Recorder:
+    async def process(self, job):
+        return Record(job.args.get("value"))
+
+
+@worker(queue="default", timeout=0.2)
+class SlowAsync:
+    async def process(self, job):
+        await asyncio.sleep(job.args.get("seconds", 5))
+
+
+@worker(queue="default")
+class Sleep:
+    """Sleeps asynchronously and records which process ran it and when."""
+
+    async def process(self, job):
+        started = time.time()
+        await asyncio.sleep(job.args.get("seconds", 0.05))
+        return Record({"pid": os.getpid(), "start": started, "stop": time.time()})
+
+
+@worker(queue="default")
+class Digest:
+    """CPU-bound sync work; records which process ran it and when."""
+
+    def process(self, job):
+        started = time.time()
+        value = str(job.args.get("seed", "")).encode()
+        for _ in range(job.args.get("rounds", 100_000)):
+            value = hashlib.sha256(value).digest()
+        return Record({"pid": os.getpid(), "start": started, "stop": time.time(), "digest": value.hex()})
+
+
+@worker(queue="default", max_attempts=2)
+class Spin:
+    """A sync CPU loop that never yields, for hard timeouts."""
+
+    def timeout(self, job):
+        return job.args.get("timeout", 0.5)
+
+    def process(self, job):
+        end = time.monotonic() + job.args.get("seconds", 3600)
+        while time.monotonic() < end:
+            pass
+
+
+@worker(queue="default", max_attempts=2)
+class KillSelf:
+    """Ends its own process in the way args name."""
+
+    def process(self, job):
+        how = job.args.get("how", "exit")
+        if how == "exit":
+            os._exit(7)
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "segfault":
+            ctypes.string_at(0)
+        raise ValueError(f"unknown way {how!r}")
+
+    def backoff(self, job):
+        return 0
+
+
+@worker(queue="default")
+class Blocker:
+    """Runs until cancelled; reports whether job.cancelled() turned true."""
+
+    async def process(self, job):
+        for _ in range(int(job.args.get("seconds", 30) / 0.01)):
+            await asyncio.sleep(0.01)
+        return None
+
+
+@job(queue="default")
+def add(a: int, b: int):
+    return Record(a + b)
+
+
+@job(queue="default")
+async def async_add(a: int, b: int):
+    return Record({"sum": a + b, "attempt": current_job().attempt})
