@@ -138,13 +138,14 @@ class Acker:
                 continue
             except asyncpg.PostgresError as error:
                 log.error("ack of job %s was rejected: %r; recording the failure instead", action.job.id, error)
+                rejection = repr(error)
 
             fallback = AckAction(
                 action.job,
                 action.entry,
                 "discarded" if action.job.attempt >= action.job.max_attempts else "retryable",
                 schedule_in=60.0,
-                error=error_entry(action.job, f"storing the job's result failed: {error!r}"),
+                error=error_entry(action.job, f"storing the job's result failed: {rejection}"),
             )
             try:
                 await self._write([fallback])

@@ -1,7 +1,7 @@
 """The duties process: what a node does once, not once per worker process.
 
-It stages due jobs for the node's queues and rescues the jobs of dead workers
-when the supervisor asks. The supervisor sends requests as JSON lines over a
+It runs the node services (see `obanpro.node`) and rescues the jobs of dead
+workers when the supervisor asks. The supervisor sends requests as JSON lines over a
 pipe and drops each one only when this process replies that it is stored, so a
 request survives the duties process dying and being replaced.
 """
@@ -22,7 +22,7 @@ from .config import Config
 from .db import CONNECTION_ERRORS, Backoff, create_pool, recover
 from .process import EXIT_CRASHED, EXIT_OK
 from .rescue import producer_uuids, rescue_jobs
-from .stager import Stager
+from .node import NodeContext, NodeServices
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,14 @@ class Duties:
         os.set_blocking(self._requests_fd, False)
         loop.add_reader(self._requests_fd, self._read_requests)
 
-        stager = Stager(self.pool, self.config.prefix, self._running_queues, **self.config.stager)
-        stager.start()
+        services = NodeServices(self._context())
+        await services.start()
         rescuer = asyncio.create_task(self._rescue_loop(), name="obanpro-rescuer")
 
         await stop.wait()
 
         loop.remove_reader(self._requests_fd)
-        await stager.stop()
+        await services.stop()
         rescuer.cancel()
         await asyncio.gather(rescuer, return_exceptions=True)
         await self.pool.close()
@@ -111,8 +111,34 @@ class Duties:
                 await backoff.sleep()
         return None
 
-    def _running_queues(self) -> list[str]:
-        return [name for name, index in self.table.queues().items() if self.table.queue_state(index) == _core.QUEUE_RUNNING]
+    def _context(self) -> NodeContext:
+        config = self.config
+        return NodeContext(
+            pool=self.pool,
+            dsn=self.dsn,
+            prefix=config.prefix,
+            name=config.name,
+            node=config.node,
+            table=self.table,
+            wake_worker=self._wake_worker,
+            request_queue=lambda request: self._reply({"type": "start_queue", **request}),
+            options={
+                "stager": config.stager,
+                "lifeline": config.lifeline,
+                "pruner": config.pruner,
+                "refresher": config.refresher,
+                "scheduler": config.scheduler,
+            },
+            leadership=config.leadership is not False,
+        )
+
+    def _wake_worker(self, index: int) -> None:
+        targets = self._wake_fds if index < 0 else self._wake_fds[index : index + 1]
+        for fd in targets:
+            try:
+                os.write(fd, b"w")
+            except OSError:
+                pass
 
     # Supervisor requests
 

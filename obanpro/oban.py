@@ -9,7 +9,6 @@ the jobs that enqueue other jobs.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from .config import parse_queues
 from .db import create_pool
 from .job import Job, JobState, encode_object, to_utc
 from .runtime import Runtime
-from .stager import Stager
+from .node import NodeContext, NodeServices
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,9 @@ class Oban:
         prefix: schema of the Oban tables.
         import_roots: packages from which unknown worker names may be imported.
         grace_period: seconds `stop` waits for running jobs.
-        stager: ``{"interval": 1.0, "limit": 20_000}``.
+        stager, lifeline, pruner, refresher, scheduler: settings of the node services,
+            as in oban-py (for example ``stager={"interval": 1.0, "limit": 20_000}``).
+        leadership: whether this instance may become leader; by default when it has queues.
         pool_min_size, pool_max_size: size of the pool opened from ``dsn``.
 
     Raises:
@@ -65,6 +66,11 @@ class Oban:
         import_roots: Iterable[str] = (),
         grace_period: float = 15.0,
         stager: Mapping[str, Any] | None = None,
+        lifeline: Mapping[str, Any] | None = None,
+        pruner: Mapping[str, Any] | None = None,
+        refresher: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        leadership: bool | None = None,
         pool_min_size: int = 1,
         pool_max_size: int = 10,
     ) -> None:
@@ -87,10 +93,17 @@ class Oban:
         self.grace_period = grace_period
         self._owns_pool = pool is None
         self._import_roots = tuple(import_roots)
-        self._stager_options = dict(stager or {})
+        self._service_options = {
+            "stager": dict(stager or {}),
+            "lifeline": dict(lifeline or {}),
+            "pruner": dict(pruner or {}),
+            "refresher": dict(refresher or {}),
+            "scheduler": dict(scheduler or {}),
+        }
+        self._leadership = bool(self.queues) if leadership is None else leadership
         self._pool_sizes = (pool_min_size, pool_max_size)
         self._runtime: Runtime | None = None
-        self._stager: Stager | None = None
+        self._services: NodeServices | None = None
         self._insert_sql = queries.load("insert_jobs", self.prefix)
         self._started = False
 
@@ -128,8 +141,8 @@ class Oban:
         if Oban._instances.get(self.name) is self:
             del Oban._instances[self.name]
 
-        if self._stager:
-            await self._stager.stop()
+        if self._services:
+            await self._services.stop()
 
         if self._runtime:
             await self._runtime.drain(self.grace_period)
@@ -161,8 +174,25 @@ class Oban:
         )
         await self._runtime.start()
 
-        self._stager = Stager(self.pool, self.prefix, lambda: list(self.queues), **self._stager_options)
-        self._stager.start()
+        context = NodeContext(
+            pool=self.pool,
+            dsn=self.dsn,
+            prefix=self.prefix,
+            name=self.name,
+            node=self.node,
+            table=table,
+            wake_worker=lambda _index: self._runtime.wake_all(),
+            request_queue=self._add_queue,
+            options=self._service_options,
+            leadership=self._leadership,
+        )
+        self._services = NodeServices(context)
+        await self._services.start()
+
+    def _add_queue(self, request: Mapping[str, Any]) -> None:
+        table = self._runtime.slots
+        limit = int(request["limit"])
+        table.add_queue(request["queue"], limit, slots.queue_capacity(limit), bool(request.get("paused", False)))
 
     # Enqueueing
 

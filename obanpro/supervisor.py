@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import process, slots
+from . import _core, process, slots
 from .config import Config
 from .process import EXIT_MEANINGS, EXIT_OK, EXIT_RECYCLED, EXIT_SETUP_FAILED, describe_status
 
@@ -530,6 +530,30 @@ class Supervisor:
                 continue
             if message.get("type") == "rescued":
                 self._rescues.pop(message.get("id"), None)
+            elif message.get("type") == "start_queue":
+                self._add_queue(message)
+
+    def _add_queue(self, request: dict[str, Any]) -> None:
+        """Add a queue that a start signal asked for; every worker starts a producer for it."""
+        table = self.segment.table
+        name, limit = request.get("queue"), request.get("limit")
+        if not isinstance(name, str) or isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            log.error("ignored a request to start queue %r with limit %r: expected a name and a positive limit", name, limit)
+            return
+
+        index = table.queue_index(name)
+        try:
+            if index >= 0:
+                table.scale(index, limit)
+                table.set_paused(index, bool(request.get("paused", False)))
+                table.set_queue_state(index, _core.QUEUE_RUNNING)
+            else:
+                table.add_queue(name, limit, slots.queue_capacity(limit), bool(request.get("paused", False)))
+        except ValueError as error:
+            log.error("cannot start queue %s on node %s: %s", name, self.config.node, error)
+            return
+
+        log.info("started queue %s with limit %s on node %s", name, limit, self.config.node)
 
 
 def run(

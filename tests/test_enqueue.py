@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from obanpro import Job
 from obanpro.oban import Oban
 from obanpro.notifier import channel_name
 
