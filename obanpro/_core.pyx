@@ -36,7 +36,8 @@ Byte layout (native byte order, every field naturally aligned; offsets in bytes)
         136 u32  paused          1 while paused
         140 u32  region_start    index of the queue's first entry
         144 u32  region_size     entries reserved for the queue (its largest limit)
-        148 u8   reserved[44]
+        148 u32  reserved0
+        152 u8   reserved[40]
     Worker records, max_workers x 64 bytes after the queue records
         0   i32  pid             0 when the record is empty
         4   u32  state           WORKER_* constants below

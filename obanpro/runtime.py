@@ -93,7 +93,8 @@ class Runtime:
         self.slots = slots
         self.worker_index = worker_index
         self.pid = os.getpid()
-        self.uuid = uuid.uuid4()
+        # The producers' uuids derive from the worker record's, which is what the supervisor rescues by.
+        self.uuid = uuid.UUID(bytes=slots.worker(worker_index)["uuid"])
         self.supervised = supervised
         self.draining = False
         self.recycle_reason: str | None = None

@@ -412,7 +412,8 @@ class Supervisor:
         timed_out = {job_id: timeout for job_id, timeout in child.timed_out.items() if job_id > 0}
 
         if code == EXIT_SETUP_FAILED:
-            log.error("stopping node %s: the setup hook %s failed in worker process %s", self.config.node, self.config.setup, pid)
+            if self._shutdown_at is None:
+                log.error("stopping node %s: the setup hook %s failed in worker process %s", self.config.node, self.config.setup, pid)
             self.shutdown(exit_code=EXIT_SETUP_FAILED)
         elif code == EXIT_RECYCLED:
             log.info("worker process %s (pid %s) recycled after %d jobs", child.index, pid, record["jobs_run"])

@@ -138,3 +138,22 @@ def add(a: int, b: int):
 @job(queue="default")
 async def async_add(a: int, b: int):
     return Record({"sum": a + b, "attempt": current_job().attempt})
+
+
+async def failing_setup():
+    raise RuntimeError("model file missing")
+
+
+async def failing_teardown():
+    raise RuntimeError("cleanup exploded")
+
+
+async def marking_setup():
+    """Writes this process's pid into the file named by OBANPRO_TEST_MARKS, one line per call."""
+    with open(os.environ["OBANPRO_TEST_MARKS"], "a") as marks:
+        marks.write(f"setup {os.getpid()}\n")
+
+
+async def marking_teardown():
+    with open(os.environ["OBANPRO_TEST_MARKS"], "a") as marks:
+        marks.write(f"teardown {os.getpid()}\n")
