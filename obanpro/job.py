@@ -147,6 +147,9 @@ def encode_object(value: Any, field: str) -> str:
             f"invalid {field} {value!r}: expected a JSON object (a dict with string keys)"
         )
 
+    if not value:
+        return "{}"
+
     bad = find_unserializable(value, field)
     if bad:
         raise ValueError(f"invalid {field}: {bad}")

@@ -132,7 +132,7 @@ class Runtime:
     async def start(self) -> None:
         """Open connections, start listening and start a producer per running queue."""
         if self.pool is None:
-            self.pool = await create_pool(self.dsn, min_size=1, max_size=3)
+            self.pool = await create_pool(self.dsn, min_size=1, max_size=3, internal=True)
 
         self._acker = Acker(self.pool, self.prefix, self._on_acked)
         self._acker.start()

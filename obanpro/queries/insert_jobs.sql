@@ -13,7 +13,7 @@ WITH inserted AS (
         r.worker,
         r.args::jsonb,
         r.meta::jsonb,
-        ARRAY(SELECT jsonb_array_elements_text(r.tags::jsonb)),
+        CASE WHEN r.tags = '[]' THEN ARRAY[]::text[] ELSE ARRAY(SELECT jsonb_array_elements_text(r.tags::jsonb)) END,
         r.max_attempts,
         r.priority,
         coalesce(r.scheduled_at, timezone('UTC', now()))
