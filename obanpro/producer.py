@@ -90,6 +90,7 @@ class Producer:
                     error,
                     backoff.delay,
                 )
+                recover(runtime.fetch_pool, error)
                 recover(runtime.pool, error)
                 await backoff.sleep()
                 self.wake()
@@ -149,7 +150,7 @@ class Producer:
         runtime = self.runtime
 
         with telemetry.span("oban.producer.get", {"queue": self.queue}) as span:
-            async with runtime.pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+            async with runtime.fetch_pool.acquire(timeout=QUERY_TIMEOUT) as conn:
                 rows = await conn.fetch(self._fetch_sql, self.queue, demand, self.attempted_by, timeout=QUERY_TIMEOUT)
             span.add({"count": len(rows)})
 

@@ -85,7 +85,6 @@ class Runtime:
         sibling_fds: Sequence[int] = (),
         max_jobs: int = 0,
         max_memory: int = 0,
-        pool: asyncpg.Pool | None = None,
     ) -> None:
         self.dsn = dsn
         self.prefix = prefix
@@ -99,8 +98,8 @@ class Runtime:
         self.draining = False
         self.recycle_reason: str | None = None
         self.finished = asyncio.Event()
-        self.pool: asyncpg.Pool = pool  # type: ignore[assignment]
-        self._owns_pool = pool is None
+        self.pool: asyncpg.Pool = None  # type: ignore[assignment]
+        self.fetch_pool: asyncpg.Pool = None  # type: ignore[assignment]
         self._import_roots = tuple(import_roots)
         self._wake_fd = wake_fd
         self._sibling_fds = tuple(sibling_fds)
@@ -131,8 +130,13 @@ class Runtime:
 
     async def start(self) -> None:
         """Open connections, start listening and start a producer per running queue."""
-        if self.pool is None:
-            self.pool = await create_pool(self.dsn, min_size=1, max_size=3, internal=True)
+        self.pool = await create_pool(self.dsn, min_size=1, max_size=3, internal=True)
+        # A fetch that is lost in a server crash only makes its jobs available
+        # again, which a dead worker does too, so fetches skip waiting for the
+        # WAL flush (about 0.2 ms a commit here). Acks wait for it.
+        self.fetch_pool = await create_pool(
+            self.dsn, min_size=1, max_size=2, internal=True, server_settings={"synchronous_commit": "off"}
+        )
 
         self._acker = Acker(self.pool, self.prefix, self._on_acked)
         self._acker.start()
@@ -201,8 +205,9 @@ class Runtime:
         for task, _job, _producer in list(self._running.values()):
             task.cancel()
 
-        if self._owns_pool and self.pool is not None:
-            await _close_pool(self.pool)
+        for pool in (self.pool, self.fetch_pool):
+            if pool is not None:
+                await _close_pool(pool)
 
         self._threads.shutdown(wait=False, cancel_futures=True)
 
