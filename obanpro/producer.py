@@ -137,7 +137,9 @@ class Producer:
         share = math.ceil(limit / max(1, runtime.live_workers()))
         demand = share - self.held
 
-        if runtime.cpu_idle_since(self.last_take_ns):
+        # Beyond its share only with evidence: a CPU sample taken while it held
+        # its share, after its last take, that found the process unsaturated.
+        if self.held >= share and runtime.cpu_idle_since(self.last_take_ns):
             demand = limit - self.held
 
         self.limited = demand <= 0 and self.held < limit

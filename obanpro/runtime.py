@@ -358,14 +358,15 @@ class Runtime:
                 task.cancel()
 
     def _refresh_live_workers(self) -> None:
-        live = 0
+        # Every record counts, even before its process starts or after it died and
+        # waits for a respawn, except processes that stopped taking jobs: a
+        # process that started first must not take the shares of siblings still
+        # forking.
+        stopping = 0
         for index in range(self.slots.max_workers):
-            if self.slots.worker_pid(index) and self.slots.worker_state(index) in (
-                _core.WORKER_STARTING,
-                _core.WORKER_RUNNING,
-            ):
-                live += 1
-        self._live_workers = max(1, live)
+            if self.slots.worker_state(index) in (_core.WORKER_DRAINING, _core.WORKER_EXITING):
+                stopping += 1
+        self._live_workers = max(1, self.slots.max_workers - stopping)
 
     def _refresh_queues(self) -> None:
         self._generation = self.slots.generation

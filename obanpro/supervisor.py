@@ -42,6 +42,7 @@ HARD_TIMEOUT_GRACE = 1.0
 KILL_MARGIN = 5.0
 """Seconds past the grace period, for storing the last acks, before stopping workers are killed."""
 RESPAWN_MAX_DELAY = 10.0
+SEGMENT_CHECK_INTERVAL = 5.0
 STABLE_AFTER = 5.0
 """A worker that ran this long resets its respawn backoff."""
 
@@ -115,6 +116,8 @@ class Supervisor:
         self._from_duties = -1
         self._signal_read = -1
         self._signal_write = -1
+        self._segment_checked_at = 0.0
+        self._segment_missing = False
         self._duties_buffer = b""
         self._wake_pipes: list[tuple[int, int]] = []
         self._setup = load_hook(config.setup, "--setup")
@@ -151,6 +154,7 @@ class Supervisor:
                 self._enforce_deadlines()
                 self._respawn_due()
                 self._advance_shutdown()
+                self._check_segment()
         finally:
             self._kill_all()
             self._restore_signals(previous)
@@ -465,6 +469,25 @@ class Supervisor:
         for child in self._workers:
             if not child.pid and now >= child.respawn_at:
                 self._spawn_worker(child)
+
+    def _check_segment(self) -> None:
+        now = time.monotonic()
+        if self._segment_missing or now < self._segment_checked_at + SEGMENT_CHECK_INTERVAL:
+            return
+
+        self._segment_checked_at = now
+        if self.segment.name in slots.segment_names():
+            return
+
+        # Nothing breaks: every process keeps its mapping, and a new node gets a new name.
+        self._segment_missing = True
+        log.error(
+            "the slot table %s of node %s was removed from /dev/shm while the node runs; systemd-logind does this "
+            "with RemoveIPC=yes when the user's last session ends. The node keeps running on its mapping, but "
+            "obanpro status cannot see it: run obanpro as a system user or set RemoveIPC=no in logind.conf",
+            self.segment.name,
+            self.config.node,
+        )
 
     # Deadlines
 
