@@ -729,6 +729,9 @@ cdef class SlotTable:
         op_store_u32(&record.state, WORKER_STARTING)
         op_store_i32(&record.pid, pid)
 
+    def set_worker_pid(self, int index, int pid):
+        op_store_i32(&self._worker(index).pid, pid)
+
     def clear_worker(self, int index):
         cdef WorkerRecord *record = self._worker(index)
         op_store_u32(&record.state, WORKER_EMPTY)

@@ -80,6 +80,7 @@ class Duties:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        process.accept_sigterm()
 
         self.pool = await self._connect(stop)
         if self.pool is None:

@@ -59,10 +59,25 @@ def describe_status(status: int) -> tuple[str, int | None, int | None]:
     return f"exited with code {code}", code, None
 
 
+FORK_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
+"""Signals blocked across a fork, so none reaches the child while it still runs the parent's handlers."""
+
+
 def reset_after_fork() -> None:
-    """Give a forked child default signal handlers and fresh random state before anything else runs."""
+    """Give a forked child default signal handlers and fresh random state before anything else runs.
+
+    SIGTERM stays blocked: the child unblocks it with `accept_sigterm` once its
+    event loop handles it, so a stop request sent during start-up waits for the
+    handler instead of being lost or killing the process mid-start.
+    """
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_DFL)
 
     signal.set_wakeup_fd(-1)
     random.seed()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_SIGNALS - {signal.SIGTERM})
+
+
+def accept_sigterm() -> None:
+    """Unblock SIGTERM in a forked child; call it after installing the child's handler."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})

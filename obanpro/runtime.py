@@ -69,6 +69,7 @@ class Runtime:
         sibling_fds: write ends of the other worker processes' wake pipes.
         max_jobs: recycle the process after this many jobs (0: never).
         max_memory: recycle the process above this many resident bytes (0: never).
+        worker_uuid: this process's identity, as in its worker record; read from the record when omitted.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class Runtime:
         sibling_fds: Sequence[int] = (),
         max_jobs: int = 0,
         max_memory: int = 0,
+        worker_uuid: uuid.UUID | None = None,
     ) -> None:
         self.dsn = dsn
         self.prefix = prefix
@@ -93,7 +95,7 @@ class Runtime:
         self.worker_index = worker_index
         self.pid = os.getpid()
         # The producers' uuids derive from the worker record's, which is what the supervisor rescues by.
-        self.uuid = uuid.UUID(bytes=slots.worker(worker_index)["uuid"])
+        self.uuid = worker_uuid or uuid.UUID(bytes=slots.worker(worker_index)["uuid"])
         self.supervised = supervised
         self.draining = False
         self.recycle_reason: str | None = None

@@ -26,6 +26,7 @@ import select
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -291,6 +292,7 @@ class Supervisor:
         ] + [read for index, (read, _write) in enumerate(self._wake_pipes) if index != child.index]
         close_fds.append(self._wake_pipes[child.index][1])
         supervisor_pid = os.getpid()
+        worker_uuid = uuid.uuid4()
         self._fork(child, lambda: run_worker(
             child.index,
             config=self.config,
@@ -302,7 +304,8 @@ class Supervisor:
             setup=self._setup,
             teardown=self._teardown,
             close_fds=close_fds,
-        ))
+            worker_uuid=worker_uuid,
+        ), worker_uuid)
 
     def _spawn_duties(self) -> None:
         from .duties import run_duties
@@ -338,14 +341,21 @@ class Supervisor:
         for request in self._rescues.values():
             self._send_duties(request)
 
-    def _fork(self, child: Child, main: Callable[[], None]) -> None:
+    def _fork(self, child: Child, main: Callable[[], None], worker_uuid: uuid.UUID | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         for handler in logging.getLogger().handlers:
             handler.flush()
 
+        # The record is written before the fork, so the child never reads a half-written one.
+        if worker_uuid is not None:
+            self.segment.table.register_worker(child.index, 0, worker_uuid.bytes)
+
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, process.FORK_SIGNALS)
         pid = os.fork()
-        if pid == 0:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        else:
             code = 1
             try:
                 process.reset_after_fork()
@@ -362,8 +372,8 @@ class Supervisor:
         child.started = time.monotonic()
         child.stopping = self._shutdown_at is not None
         child.timed_out = {}
-        if child.kind == "worker":
-            self.segment.table.register_worker(child.index, pid, os.urandom(16))
+        if worker_uuid is not None:
+            self.segment.table.set_worker_pid(child.index, pid)
         log.debug("started %s as pid %s", child.label, pid)
 
     def _reap(self, block: bool = False) -> None:

@@ -15,6 +15,9 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ORPHAN_GRACE = 2.0
 """Seconds an orphaned worker spends storing acks before it exits, when its supervisor died."""
+ORPHAN_EXIT_MARGIN = 1.0
 
 
 def run_worker(
@@ -41,6 +45,7 @@ def run_worker(
     setup: Callable[[], Any] | None,
     teardown: Callable[[], Any] | None,
     close_fds: Iterable[int],
+    worker_uuid: uuid.UUID,
 ) -> None:
     """Run worker process ``index`` and exit the process with its exit code; never returns."""
     code = EXIT_CRASHED
@@ -52,8 +57,9 @@ def run_worker(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for fd in close_fds:
             _close(fd)
+        _start_orphan_watchdog(supervisor_pid)
         code = asyncio.run(
-            _main(index, config, dsn, table, wake_fd, sibling_fds, supervisor_pid, setup, teardown)
+            _main(index, config, dsn, table, wake_fd, sibling_fds, supervisor_pid, setup, teardown, worker_uuid)
         )
     except BaseException:
         log.exception("worker process %s (pid %s) crashed", index, os.getpid())
@@ -74,6 +80,7 @@ async def _main(
     supervisor_pid: int,
     setup: Callable[[], Any] | None,
     teardown: Callable[[], Any] | None,
+    worker_uuid: uuid.UUID,
 ) -> int:
     from .oban import Oban
     from .runtime import Runtime
@@ -82,6 +89,7 @@ async def _main(
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    process.accept_sigterm()
 
     if setup is not None:
         try:
@@ -110,6 +118,7 @@ async def _main(
         sibling_fds=sibling_fds,
         max_jobs=config.max_jobs_per_process,
         max_memory=config.max_memory_per_process * 1024 * 1024,
+        worker_uuid=worker_uuid,
     )
 
     try:
@@ -137,6 +146,24 @@ async def _main(
     await _run_teardown(teardown, config.teardown, index, pid)
 
     return EXIT_RECYCLED if runtime.recycle_reason else EXIT_OK
+
+
+def _start_orphan_watchdog(supervisor_pid: int) -> None:
+    """Exit from a thread when the supervisor is gone and the event loop cannot stop the process.
+
+    The death signal reaches the loop's SIGTERM handler, but a job that blocks
+    the loop (CPU work in an async function) would keep an orphan alive forever.
+    """
+
+    def watch() -> None:
+        while os.getppid() == supervisor_pid:
+            time.sleep(1.0)
+
+        time.sleep(ORPHAN_GRACE + ORPHAN_EXIT_MARGIN)
+        log.error("worker process (pid %s) lost its supervisor and did not stop in time; exiting now", os.getpid())
+        os._exit(EXIT_CRASHED)
+
+    threading.Thread(target=watch, name="obanpro-orphan-watchdog", daemon=True).start()
 
 
 async def _first(*awaitables: Any) -> None:

@@ -147,6 +147,24 @@ async def test_killed_supervisor_takes_workers_down(start_node, conn: asyncpg.Co
     second.stop()
 
 
+async def test_orphan_with_blocked_loop_exits(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    node = start_node("start", "--import", "tests.workers", "-q", "default:2", "-p", "1")
+    segment = await _table(node)
+    pid = (await _workers(segment, 1))[0]
+    segment.close()
+    await workers.BlockLoop.enqueue({"seconds": 120})
+    await wait_for(lambda: _executing_count(conn, prefix), timeout=20)
+
+    os.kill(node.pid, signal.SIGKILL)
+    node.process.wait(5)
+
+    await wait_for(lambda: not _alive(pid), timeout=8)
+
+
+async def _executing_count(conn: asyncpg.Connection, prefix: str) -> int:
+    return await conn.fetchval(f"SELECT count(*) FROM {prefix}.oban_jobs WHERE state = 'executing'")
+
+
 def _alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/stat").read_text()

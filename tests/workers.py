@@ -157,3 +157,65 @@ async def marking_setup():
 async def marking_teardown():
     with open(os.environ["OBANPRO_TEST_MARKS"], "a") as marks:
         marks.write(f"teardown {os.getpid()}\n")
+
+
+@worker(queue="default")
+class WaitForCancel:
+    """A sync job that polls job.cancelled() and returns Cancel once it turns true."""
+
+    def process(self, job):
+        deadline = time.monotonic() + job.args.get("seconds", 30)
+        while time.monotonic() < deadline:
+            if job.cancelled():
+                return Cancel("noticed the cancel request")
+            time.sleep(0.01)
+        return Record("never cancelled")
+
+
+@worker(queue="default")
+class Enqueuer:
+    """Enqueues a Noop job in the queue named by args, for draining recursively."""
+
+    async def process(self, job):
+        await Noop.enqueue({"from": job.id}, queue=job.args.get("queue", "default"))
+
+
+@worker(queue="default")
+class Tracked:
+    """Sleeps and writes each run's start and end into ``<OBAN_PREFIX>.test_runs``, which the test creates."""
+
+    async def process(self, job):
+        from obanpro.oban import Oban
+
+        pool = Oban.get_instance().pool
+        table = f"{os.environ['OBAN_PREFIX']}.test_runs"
+        run_id = await pool.fetchval(
+            f"INSERT INTO {table} (job_id, attempt, node, pid, started_at) "
+            "VALUES ($1, $2, $3, $4, clock_timestamp()) RETURNING id",
+            job.id,
+            job.attempt,
+            job.attempted_by[0],
+            os.getpid(),
+        )
+        await asyncio.sleep(job.args.get("seconds", 0.05))
+        await pool.execute(f"UPDATE {table} SET finished_at = clock_timestamp() WHERE id = $1", run_id)
+
+
+# A cron entry only for `obanpro start` nodes that tests start with OBANPRO_TEST_CRON=1,
+# so schedulers in the test process itself never enqueue it.
+if os.environ.get("OBANPRO_TEST_CRON"):
+
+    @worker(queue="default", cron="* * * * *")
+    class EveryMinute:
+        async def process(self, job):
+            return None
+
+
+@worker(queue="default")
+class BlockLoop:
+    """CPU work inside an async function: it blocks the worker's event loop."""
+
+    async def process(self, job):
+        end = time.monotonic() + job.args.get("seconds", 60)
+        while time.monotonic() < end:
+            pass
