@@ -1,4 +1,4 @@
-"""The ``obanpro`` command: install, uninstall, start, status, version.
+"""The ``obanpro`` command: install, uninstall, start, status, jobs, version.
 
 Settings come from ``obanpro.toml`` (or ``oban.toml``), then ``OBAN_*``
 environment variables, then flags; see `obanpro.config`. Without ``--dsn`` or
@@ -153,6 +153,12 @@ def status(node: str | None, as_json: bool, dsn: str | None, prefix: str | None,
     sys.exit(show(config, data_dir=data_dir, node=node, as_json=as_json))
 
 
+# The commands of this group are defined in obanpro/jobs_cli.py.
+@main.group()
+def jobs() -> None:
+    """List, show, retry and cancel jobs."""
+
+
 def _load(config_path: str | None, flags: dict[str, Any]) -> config_module.Config:
     try:
         return config_module.load(config_path, flags)
@@ -229,3 +235,7 @@ def _print_plan(config: config_module.Config) -> None:
 def _fail(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(EXIT_FAILURE)
+
+
+# Registers the commands of the jobs group; it imports the helpers above, so it comes last.
+from . import jobs_cli  # noqa: F401

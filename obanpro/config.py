@@ -161,6 +161,14 @@ class Config:
         if not self.node or len(self.node) > 255:
             raise ConfigError(f"invalid node {self.node!r}: expected a non-empty name")
 
+        from .node import check_options
+
+        try:
+            check_options({"stager": self.stager, "scheduler": self.scheduler, "pruner": self.pruner,
+                           "lifeline": self.lifeline, "refresher": self.refresher})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
         self.log_level = self.log_level.upper()
         return self
 

@@ -169,7 +169,8 @@ class Job:
         tags: strings, normalised as Oban does.
         meta: JSON object stored with the job.
         scheduled_at: when the job becomes available; a later time makes it ``scheduled``.
-        schedule_in: seconds or a timedelta from now, instead of ``scheduled_at``.
+        scheduled_in: seconds or a timedelta from now, instead of ``scheduled_at``;
+            ``schedule_in`` is accepted too, as in oban-py.
 
     Raises:
         TypeError, ValueError: when a field has the wrong type or value, naming it.
@@ -210,6 +211,7 @@ class Job:
         meta: Mapping[str, Any] | None = None,
         scheduled_at: datetime | None = None,
         schedule_in: timedelta | int | float | None = None,
+        scheduled_in: timedelta | int | float | None = None,
         state: str = JobState.AVAILABLE,
         id: int | None = None,
         attempt: int = 0,
@@ -222,8 +224,12 @@ class Job:
         discarded_at: datetime | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
+        if schedule_in is not None and scheduled_in is not None:
+            raise ValueError("pass scheduled_in or schedule_in, not both: they are the same option")
+        schedule_in = scheduled_in if scheduled_in is not None else schedule_in
+
         if scheduled_at is not None and schedule_in is not None:
-            raise ValueError("pass scheduled_at or schedule_in, not both")
+            raise ValueError("pass scheduled_at or scheduled_in, not both")
 
         if schedule_in is not None:
             scheduled_at = schedule_time(schedule_in)
@@ -273,7 +279,7 @@ class Job:
     def update(self, changes: Mapping[str, Any]) -> Job:
         """Apply ``changes`` to this job's fields and validate the result."""
         for key, value in changes.items():
-            if key == "schedule_in":
+            if key in ("schedule_in", "scheduled_in"):
                 self.scheduled_at = schedule_time(value)
             elif key == "tags":
                 self.tags = normalize_tags(value)

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from . import telemetry_logger
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
 
 
@@ -30,7 +32,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send obanpro's logs, and the root logger's, to standard error at ``level``."""
+    """Send obanpro's logs, and the root logger's, to standard error at ``level``, job and loop events included.
+
+    The telemetry logger is attached here, before a node forks, so its worker
+    and duties processes inherit it.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
 
@@ -40,3 +46,4 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("asyncio").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    telemetry_logger.attach()

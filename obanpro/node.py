@@ -8,18 +8,33 @@ node's slot table, which every worker process reads without a round trip.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
 
 from . import _core
+from .leader import Leader
+from .lifeline import Lifeline
+from .pruner import Pruner
+from .refresher import Refresher
+from .scheduler import Scheduler
+from .signals import SignalListener
 from .stager import Stager
 
 log = logging.getLogger(__name__)
+
+_SERVICE_CLASSES = {
+    "stager": Stager,
+    "scheduler": Scheduler,
+    "pruner": Pruner,
+    "lifeline": Lifeline,
+    "refresher": Refresher,
+}
 
 
 class Service(Protocol):
@@ -59,17 +74,77 @@ class NodeContext:
         return -1
 
 
+def check_options(options: Mapping[str, Any]) -> None:
+    """Check the settings tables of the node services (stager, scheduler, pruner, lifeline, refresher).
+
+    Raises:
+        ValueError: naming the table, the setting and the problem, so a bad
+            setting stops ``obanpro start`` instead of crash-looping the duties process.
+    """
+    builders = {
+        "stager": lambda values: Stager(None, "public", list, **values),
+        "scheduler": lambda values: Scheduler(None, "public", name="Oban", leader=None, **values),
+        "pruner": lambda values: Pruner(None, "public", leader=None, **values),
+        "lifeline": lambda values: Lifeline(None, "public", leader=None, **values),
+        "refresher": lambda values: Refresher(None, "public", name="Oban", node="node", table=None, leader=None, **values),
+    }
+
+    for name, values in options.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(f"invalid [{name}] settings {values!r}: expected a table such as interval = 1.0")
+
+        try:
+            builders[name](dict(values))
+        except TypeError as error:
+            known = [
+                parameter
+                for parameter in inspect.signature(_SERVICE_CLASSES[name]).parameters
+                if parameter not in ("pool", "prefix", "queues", "leader", "name", "node", "table", "entries")
+            ]
+            raise ValueError(f"invalid [{name}] settings {dict(values)}: {error}; known settings are {known}") from None
+        except ValueError as error:
+            raise ValueError(f"invalid [{name}] settings: {error}") from None
+
+
 class NodeServices:
     """Starts and stops the node's services in order."""
 
     def __init__(self, context: NodeContext) -> None:
         self.context = context
         self.services: list[Service] = []
+        self.leader: Leader | None = None
+        """The node's leader election, once started; its ``is_leader`` gates the leader duties."""
 
     async def start(self) -> None:
         context = self.context
+        options = context.options
+        # The leader starts first and stops last, so it resigns after the duties that need it.
+        self.leader = Leader(
+            context.pool, context.prefix, name=context.name, node=context.node, dsn=context.dsn, enabled=context.leadership
+        )
+        producer_max_age = options.get("refresher", {}).get("max_age", 60.0)
         self.services = [
+            self.leader,
             Stager(context.pool, context.prefix, context.running_queues, **context.options.get("stager", {})),
+            SignalListener(context),
+            Scheduler(context.pool, context.prefix, name=context.name, leader=self.leader, **options.get("scheduler", {})),
+            Pruner(context.pool, context.prefix, leader=self.leader, **options.get("pruner", {})),
+            Lifeline(
+                context.pool,
+                context.prefix,
+                leader=self.leader,
+                producer_max_age=producer_max_age,
+                **options.get("lifeline", {}),
+            ),
+            Refresher(
+                context.pool,
+                context.prefix,
+                name=context.name,
+                node=context.node,
+                table=context.table,
+                leader=self.leader,
+                **options.get("refresher", {}),
+            ),
         ]
 
         for service in self.services:

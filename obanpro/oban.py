@@ -13,18 +13,18 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC
 from typing import Any, ClassVar
 
 import asyncpg
 
-from . import queries, schema, slots
+from . import control, queries, schema, slots, testing
 from .config import parse_queues
 from .db import create_pool
 from .job import Job, JobState, encode_object, to_utc
 from .runtime import Runtime
-from .node import NodeContext, NodeServices
+from .node import NodeContext, NodeServices, check_options
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,18 @@ class Oban:
             "scheduler": dict(scheduler or {}),
         }
         self._leadership = bool(self.queues) if leadership is None else leadership
+        check_options(self._service_options)
         self._pool_sizes = (pool_min_size, pool_max_size)
         self._runtime: Runtime | None = None
         self._services: NodeServices | None = None
         self._insert_sql = queries.load("insert_jobs", self.prefix)
         self._started = False
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this instance holds the leadership of its name (only instances with queues elect)."""
+        leader = self._services.leader if self._services else None
+        return bool(leader and leader.is_leader)
 
     @classmethod
     def get_instance(cls, name: str = DEFAULT_NAME) -> Oban:
@@ -141,12 +148,18 @@ class Oban:
         if Oban._instances.get(self.name) is self:
             del Oban._instances[self.name]
 
-        if self._services:
-            await self._services.stop()
-
+        # Running jobs finish before the services stop: the refresher keeps
+        # their producer rows alive meanwhile, so no lifeline rescues them.
         if self._runtime:
             await self._runtime.drain(self.grace_period)
+
+        if self._services:
+            await self._services.stop()
+            self._services = None
+
+        if self._runtime:
             await self._runtime.stop()
+            self._runtime = None
 
         if self._owns_pool and self.pool is not None:
             await self.pool.close()
@@ -187,7 +200,12 @@ class Oban:
             leadership=self._leadership,
         )
         self._services = NodeServices(context)
-        await self._services.start()
+        try:
+            await self._services.start()
+        except BaseException:
+            await self._runtime.stop()
+            self._runtime = None
+            raise
 
     def _add_queue(self, request: Mapping[str, Any]) -> None:
         table = self._runtime.slots
@@ -214,6 +232,9 @@ class Oban:
         if not batch:
             return []
 
+        if testing.inline_mode():
+            return await testing.run_inline(batch)
+
         columns = _columns(batch)
         executor = conn if conn is not None else self._require_pool()
         rows = await executor.fetch(self._insert_sql, *columns)
@@ -238,6 +259,111 @@ class Oban:
             job_id,
         )
         return None if row is None else job_from_row(row)
+
+    # Job control
+
+    async def cancel_job(self, job: Job | int) -> None:
+        """Cancel a job that has not finished; see `cancel_many_jobs`."""
+        await self.cancel_many_jobs([job])
+
+    async def cancel_many_jobs(self, jobs: Iterable[Job | int]) -> int:
+        """Cancel jobs by Job or id; return how many were cancelled or asked to stop.
+
+        Available, scheduled, retryable and suspended jobs become ``cancelled`` with
+        ``meta.cancel_attempted_at``. An executing job keeps its row: the node that
+        runs it gets a pkill signal, sets the job's cancel flag so ``job.cancelled()``
+        returns True, cancels the task of an async job, and acks it as ``cancelled``.
+        Completed, discarded and cancelled jobs are left alone.
+        """
+        return await control.cancel_many(self, jobs)
+
+    async def retry_job(self, job: Job | int) -> None:
+        """Make a job available now; see `retry_many_jobs`."""
+        await self.retry_many_jobs([job])
+
+    async def retry_many_jobs(self, jobs: Iterable[Job | int]) -> int:
+        """Make jobs available now, except available and executing ones; return how many.
+
+        A job out of attempts gets one more, and its completed, cancelled and
+        discarded timestamps are cleared.
+        """
+        return await control.retry_many(self, jobs)
+
+    async def delete_job(self, job: Job | int) -> None:
+        """Delete a job unless it is executing."""
+        await self.delete_many_jobs([job])
+
+    async def delete_many_jobs(self, jobs: Iterable[Job | int]) -> int:
+        """Delete jobs, except executing ones; return how many were deleted."""
+        return await control.delete_many(self, jobs)
+
+    async def update_job(self, job: Job | int, changes: Mapping[str, Any] | Callable[[Job], Mapping[str, Any]]) -> Job:
+        """Change a job's fields and return it as stored; see `update_many_jobs`."""
+        return (await self.update_many_jobs([job], changes))[0]
+
+    async def update_many_jobs(
+        self,
+        jobs: Iterable[Job | int],
+        changes: Mapping[str, Any] | Callable[[Job], Mapping[str, Any]],
+    ) -> list[Job]:
+        """Change fields of jobs, locked in one transaction; return them as stored.
+
+        ``changes`` is a dict or a function of the job that returns one, with the
+        fields args, max_attempts, meta, priority, queue, scheduled_at (or
+        scheduled_in, seconds or a timedelta from now), tags and worker. An
+        available job moved into the future becomes scheduled, and a scheduled
+        one moved to the past becomes available.
+
+        Raises:
+            ValueError: when a job does not exist or a change is invalid; nothing is changed then.
+        """
+        return await control.update_many(self, jobs, changes)
+
+    # Queue control
+
+    async def pause_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Stop taking jobs from ``queue`` on every node, or on ``node``; running jobs finish."""
+        await control.control_queue(self, control.queue_payload("pause", queue), node)
+
+    async def resume_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Take jobs from a paused ``queue`` again, on every node or on ``node``."""
+        await control.control_queue(self, control.queue_payload("resume", queue), node)
+
+    async def pause_all_queues(self, *, node: str | None = None) -> None:
+        """Pause every queue, on every node or on ``node``."""
+        await control.control_queue(self, control.queue_payload("pause", "*", allow_all=True), node)
+
+    async def resume_all_queues(self, *, node: str | None = None) -> None:
+        """Resume every queue, on every node or on ``node``."""
+        await control.control_queue(self, control.queue_payload("resume", "*", allow_all=True), node)
+
+    async def start_queue(self, *, queue: str, limit: int, paused: bool = False, node: str | None = None) -> None:
+        """Start running ``queue`` with ``limit`` slots per node, on every node or on ``node``.
+
+        A stopped queue restarts with the new limit; a running one is left as it is.
+        """
+        await control.control_queue(self, control.start_payload(queue, limit, paused), node)
+
+    async def stop_queue(self, queue: str, *, node: str | None = None) -> None:
+        """Stop running ``queue`` on every node or on ``node``; running jobs finish."""
+        await control.control_queue(self, control.queue_payload("stop", queue), node)
+
+    async def scale_queue(self, *, queue: str, node: str | None = None, **options: Any) -> None:
+        """Change a queue's options, such as ``limit``, on every node or on ``node``.
+
+        Scaling down lets running jobs finish; new jobs start only while fewer than
+        the new limit run. Options other than ``limit`` are passed on in the signal
+        for nodes that know them.
+        """
+        await control.control_queue(self, control.scale_payload(queue, options), node)
+
+    def check_queue(self, queue: str) -> control.QueueInfo | None:
+        """Return the state of ``queue`` when this instance runs it, else None."""
+        return control.check_queue(self, queue)
+
+    def check_all_queues(self) -> list[control.QueueInfo]:
+        """Return the state of every queue this instance runs."""
+        return control.check_all_queues(self)
 
     def _require_pool(self) -> asyncpg.Pool:
         if self.pool is None:

@@ -406,7 +406,7 @@ class Supervisor:
         if child.kind == "worker":
             self._on_worker_exit(child, pid, cause, code, signum)
         else:
-            level = logging.INFO if child.stopping and code == EXIT_OK else logging.ERROR
+            level = logging.INFO if child.stopping else logging.WARNING if code == EXIT_OK else logging.ERROR
             log.log(level, "duties process (pid %s) %s", pid, cause)
 
         if self._shutdown_at is not None or self._forced:
@@ -433,6 +433,13 @@ class Supervisor:
             log.info("worker process %s (pid %s) recycled after %d jobs", child.index, pid, record["jobs_run"])
         elif code == EXIT_OK and child.stopping:
             log.info("worker process %s (pid %s) stopped", child.index, pid)
+        elif code == EXIT_OK:
+            log.warning(
+                "worker process %s (pid %s) stopped without a request from the supervisor, "
+                "likely on a SIGTERM sent to it directly; restarting it",
+                child.index,
+                pid,
+            )
         else:
             self._log_death(child, pid, cause, code, signum, held, timed_out)
 

@@ -24,7 +24,7 @@ _cron_entries: dict[str, tuple[type, str | Mapping[str, Any]]] = {}
 
 # Options a decorator accepts that become fields of every new job.
 JOB_OPTIONS = frozenset(
-    {"queue", "priority", "max_attempts", "tags", "meta", "scheduled_at", "schedule_in"}
+    {"queue", "priority", "max_attempts", "tags", "meta", "scheduled_at", "schedule_in", "scheduled_in"}
 )
 # Options that shape execution rather than the row.
 WORKER_OPTIONS = frozenset({"timeout"})
@@ -87,7 +87,7 @@ def worker(*, oban: str = "Oban", cron: str | Mapping[str, Any] | None = None, *
         oban: name of the `Oban` instance that ``enqueue`` uses.
         cron: a cron expression, or ``{"expr": ..., "timezone": ...}``, to enqueue
             the worker periodically.
-        queue, priority, max_attempts, tags, meta, scheduled_at, schedule_in:
+        queue, priority, max_attempts, tags, meta, scheduled_at, scheduled_in:
             defaults for every job of this worker.
         timeout: seconds a job may run before it fails with "timed out after N s".
         Other keyword options are kept in ``job.extra`` for extensions.
@@ -184,6 +184,12 @@ def _attach(
             return await _instance(cls).enqueue(cls.new(args, **params), conn=conn)
 
         cls.enqueue = classmethod(enqueue)
+
+    if cron is not None:
+        # Raises ValueError at import time for a bad expression or time zone.
+        from .scheduler import parse_cron_option
+
+        parse_cron_option(name, cls, cron)
 
     register(cls)
 

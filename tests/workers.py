@@ -219,3 +219,69 @@ class BlockLoop:
         end = time.monotonic() + job.args.get("seconds", 60)
         while time.monotonic() < end:
             pass
+
+
+@worker(queue="hold")
+class HoldConnection:
+    """Holds a connection of the job-code pool (``Oban.get_instance().pool``) until the file named in args exists."""
+
+    async def process(self, job):
+        from obanpro import Oban
+
+        async with Oban.get_instance().pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            while not os.path.exists(job.args["release"]):
+                await asyncio.sleep(0.02)
+
+
+@worker(queue="default")
+class MarkDone:
+    """Appends its job id to the file named in args, then finishes; the file lists the jobs that ran."""
+
+    async def process(self, job):
+        await asyncio.sleep(job.args.get("seconds", 0))
+        with open(job.args["marks"], "a") as marks:
+            marks.write(f"{job.id}\n")
+
+
+@worker(queue="default")
+class EchoArgs:
+    """Records the args it received with the Python type of each value, to show they stay plain data."""
+
+    async def process(self, job):
+        import json
+
+        encoded = json.dumps(job.args, sort_keys=True, separators=(",", ":"))
+        return Record({
+            "sha256": hashlib.sha256(encoded.encode()).hexdigest(),
+            "size": len(encoded),
+            "types": {key: type(value).__name__ for key, value in job.args.items()},
+        })
+
+
+@worker(queue="default", max_attempts=2)
+class KillLoop:
+    """Ends its own process from the event loop thread, in the way args name."""
+
+    async def process(self, job):
+        how = job.args.get("how", "exit")
+        if how == "exit":
+            os._exit(9)
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "abort":
+            os.abort()
+        raise ValueError(f"unknown way {how!r}")
+
+    def backoff(self, job):
+        return 0
+
+
+@worker(queue="default", max_attempts=3)
+class SlowFirstAttempt:
+    """Sleeps the seconds in args on its first attempt and finishes at once on later ones."""
+
+    async def process(self, job):
+        if job.attempt == 1:
+            await asyncio.sleep(job.args.get("seconds", 60))
+        return Record({"attempt": job.attempt, "pid": os.getpid()})

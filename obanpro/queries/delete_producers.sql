@@ -1,0 +1,3 @@
+-- Deletes the producer rows with the given uuids.
+DELETE FROM {prefix}.oban_producers
+WHERE uuid = ANY($1::uuid[])
