@@ -118,7 +118,7 @@ class Config:
     grace_period: float = 15.0
     max_jobs_per_process: int = 0
     max_memory_per_process: int = 0
-    pool_min_size: int = 1
+    pool_min_size: int = 0
     pool_max_size: int = 10
     log_level: str = "INFO"
     log_format: str = "text"

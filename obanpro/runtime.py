@@ -5,8 +5,8 @@ loop, its own connections and its own thread pool for sync jobs. An `Oban`
 embedded in an application runs one too, on the application's loop, with a
 slot table in private memory instead of shared memory.
 
-The runtime owns three connections' worth of pool for fetching, acking and
-orphan checks, plus the LISTEN connection of its notifier. Job code gets a
+The runtime owns one connection for fetching, up to two for acking and
+orphan checks, and the LISTEN connection of its notifier. Job code gets a
 separate pool through ``Oban.get_instance()``, so jobs that hold every
 connection of that pool cannot starve fetches and acks.
 """
@@ -132,12 +132,12 @@ class Runtime:
 
     async def start(self) -> None:
         """Open connections, start listening and start a producer per running queue."""
-        self.pool = await create_pool(self.dsn, min_size=1, max_size=3, internal=True)
+        self.pool = await create_pool(self.dsn, min_size=1, max_size=2, internal=True)
         # A fetch that is lost in a server crash only makes its jobs available
         # again, which a dead worker does too, so fetches skip waiting for the
         # WAL flush (about 0.2 ms a commit here). Acks wait for it.
         self.fetch_pool = await create_pool(
-            self.dsn, min_size=1, max_size=2, internal=True, server_settings={"synchronous_commit": "off"}
+            self.dsn, min_size=1, max_size=1, internal=True, server_settings={"synchronous_commit": "off"}
         )
 
         self._acker = Acker(self.pool, self.prefix, self._on_acked)
