@@ -23,7 +23,9 @@ def _job(seq_rounds):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--processes", type=int, default=2, help="pool size; 0 for the plain loop")
+    parser.add_argument(
+        "--processes", type=int, default=2, help="pool size; 0 for the plain loop"
+    )
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     options = parser.parse_args()

@@ -28,7 +28,9 @@ ROWS = 50
 
 def cython_table():
     size = _core.table_size(64, 8, CAPACITY + 1024)
-    table = _core.SlotTable.format(bytearray(size), "bench", 64, 8, CAPACITY + 1024, os.getpid())
+    table = _core.SlotTable.format(
+        bytearray(size), "bench", 64, 8, CAPACITY + 1024, os.getpid()
+    )
     q = table.add_queue("default", LIMIT, CAPACITY)
     table.take(q, os.getpid(), HELD)
     return table, q
@@ -43,8 +45,22 @@ def plain_table():
 def rows():
     now = datetime.datetime(2026, 1, 1, 12, 0, 0, 123456)
     return [
-        (i, "default", "benchmarks.peers.obanpro_jobs.Noop", 1, 20, 0, '{"seq": %d, "name": "x"}' % i,
-         '{"uniq_key": null}', "[]", ["bench"], ["node", "2a6c9b0e"], now, now, now)
+        (
+            i,
+            "default",
+            "benchmarks.peers.obanpro_jobs.Noop",
+            1,
+            20,
+            0,
+            f'{{"seq": {i}, "name": "x"}}',
+            '{"uniq_key": null}',
+            "[]",
+            ["bench"],
+            ["node", "2a6c9b0e"],
+            now,
+            now,
+            now,
+        )
         for i in range(1, ROWS + 1)
     ]
 
@@ -87,7 +103,10 @@ def test_decode_cython(benchmark):
     data = rows()
     benchmark.extra_info.update(impl="cython", ops=ROWS)
     jobs = benchmark(_core.decode_jobs, data, Job, JobState.EXECUTING)
-    assert jobs[0].args == {"seq": 1, "name": "x"} and jobs[0].inserted_at.tzinfo is datetime.UTC
+    assert (
+        jobs[0].args == {"seq": 1, "name": "x"}
+        and jobs[0].inserted_at.tzinfo is datetime.UTC
+    )
 
 
 @pytest.mark.benchmark(group="decode 50 fetched rows into Jobs")

@@ -23,8 +23,10 @@ RETIRE = 1 << 33
 PID_MASK = 0xFFFFFFFF
 
 _word = struct.Struct("=Q")
-_job = struct.Struct("=qqq")          # job_id, started_at_ns, deadline_ns at offset 8
-_job_fields = struct.Struct("=IiIII")  # cancel, attempt, worker_index, timeout_ms, queue_index at offset 32
+_job = struct.Struct("=qqq")  # job_id, started_at_ns, deadline_ns at offset 8
+_job_fields = struct.Struct(
+    "=IiIII"
+)  # cancel, attempt, worker_index, timeout_ms, queue_index at offset 32
 _cancel = struct.Struct("=I")
 
 
@@ -61,12 +63,22 @@ class PlainSlotTable:
                     break
         return taken
 
-    def set_job(self, e: int, job_id: int, attempt: int, worker_index: int, timeout: float) -> None:
+    def set_job(
+        self, e: int, job_id: int, attempt: int, worker_index: int, timeout: float
+    ) -> None:
         at = e * ENTRY_SIZE
         now = time.monotonic_ns()
         timeout_ms = int(timeout * 1000) if timeout > 0 else 0
-        _job_fields.pack_into(self.buffer, at + 32, 0, attempt, worker_index, timeout_ms, 0)
-        _job.pack_into(self.buffer, at + 8, job_id, time.time_ns(), now + int(timeout * 1e9) if timeout > 0 else 0)
+        _job_fields.pack_into(
+            self.buffer, at + 32, 0, attempt, worker_index, timeout_ms, 0
+        )
+        _job.pack_into(
+            self.buffer,
+            at + 8,
+            job_id,
+            time.time_ns(),
+            now + int(timeout * 1e9) if timeout > 0 else 0,
+        )
 
     def release(self, e: int, pid: int) -> bool:
         at = e * ENTRY_SIZE

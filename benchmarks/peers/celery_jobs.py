@@ -7,7 +7,6 @@ insert scenarios call `apply_async` once per job over one producer connection.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
@@ -112,8 +111,22 @@ class Adapter:
         return None  # no result backend: an empty queue and no unacked message is the check
 
     def commands(self, processes, limits):
-        return [[
-            self.executable, "-A", __name__, "worker", "--pool", "prefork", "-c", str(processes),
-            "-Q", ",".join(limits), "--loglevel", "WARNING",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ]]
+        return [
+            [
+                self.executable,
+                "-A",
+                __name__,
+                "worker",
+                "--pool",
+                "prefork",
+                "-c",
+                str(processes),
+                "-Q",
+                ",".join(limits),
+                "--loglevel",
+                "WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ]
+        ]

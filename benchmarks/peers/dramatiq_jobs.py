@@ -23,7 +23,9 @@ REDIS_DB = 14
 
 QUEUES = ("default", "cpu", "io")
 
-broker = RedisBroker(url=os.environ.get("BENCH_DRAMATIQ_BROKER", f"redis://127.0.0.1:6379/{REDIS_DB}"))
+broker = RedisBroker(
+    url=os.environ.get("BENCH_DRAMATIQ_BROKER", f"redis://127.0.0.1:6379/{REDIS_DB}")
+)
 dramatiq.set_broker(broker)
 
 
@@ -54,8 +56,12 @@ def sleep(seq):
 
 # Dramatiq binds an actor to one queue, so the jobs that the mixed scenario sends
 # to other queues have their own actors there, with the same bodies.
-digest_cpu = dramatiq.actor(digest.fn, actor_name="digest_cpu", queue_name="cpu", max_retries=0)
-stamp_io = dramatiq.actor(stamp.fn, actor_name="stamp_io", queue_name="io", max_retries=0)
+digest_cpu = dramatiq.actor(
+    digest.fn, actor_name="digest_cpu", queue_name="cpu", max_retries=0
+)
+stamp_io = dramatiq.actor(
+    stamp.fn, actor_name="stamp_io", queue_name="io", max_retries=0
+)
 
 KINDS = {
     ("cpu", "default"): digest,
@@ -121,9 +127,18 @@ class Adapter:
         failed = sum(self.redis.hlen(f"dramatiq:{queue}.XQ.msgs") for queue in QUEUES)
         if failed:
             raise RuntimeError(f"{failed} messages went to the dead-letter queue")
-        return None
 
     def commands(self, processes, limits):
         threads = max(1, math.ceil(sum(limits.values()) / processes))
-        return [[self.executable, __name__, "--processes", str(processes), "--threads", str(threads),
-                 "--queues", *limits]]
+        return [
+            [
+                self.executable,
+                __name__,
+                "--processes",
+                str(processes),
+                "--threads",
+                str(threads),
+                "--queues",
+                *limits,
+            ]
+        ]

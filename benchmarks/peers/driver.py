@@ -19,7 +19,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -46,8 +45,10 @@ def percentile(values: list[float], q: float) -> float:
 class Workers:
     """The worker processes of one measurement: started in their own session, stopped by pid."""
 
-    def __init__(self, commands: list[list[str]], env: dict[str, str], log_path: str) -> None:
-        self.log = open(log_path, "ab")
+    def __init__(
+        self, commands: list[list[str]], env: dict[str, str], log_path: str
+    ) -> None:
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.procs = [
             subprocess.Popen(
                 command,
@@ -69,9 +70,11 @@ class Workers:
         for proc in self.procs:
             code = proc.poll()
             if code is not None:
-                raise RuntimeError(f"worker command {proc.args[:4]} exited early with code {code}")
+                raise RuntimeError(
+                    f"worker command {proc.args[:4]} exited early with code {code}"
+                )
 
-    def stop(self, timeout: float = 30.0) -> list[int | None]:
+    def stop(self, timeout: float = 20.0) -> list[int | None]:
         for proc in self.procs:
             if proc.poll() is None:
                 try:
@@ -130,7 +133,10 @@ class Driver:
     def __init__(self, adapter, options: argparse.Namespace) -> None:
         self.adapter = adapter
         self.options = options
-        self.stamps = tempfile.NamedTemporaryFile(prefix="bench-stamps-", suffix=".txt", delete=False).name
+        with tempfile.NamedTemporaryFile(
+            prefix="bench-stamps-", suffix=".txt", delete=False
+        ) as handle:
+            self.stamps = handle.name
         self.log_path = options.log or os.devnull
         os.environ["BENCH_STAMPS"] = self.stamps
 
@@ -138,13 +144,21 @@ class Driver:
         commands = self.adapter.commands(processes, limits)
         env = {
             **os.environ,  # after the adapter opened, so what it exported for its workers is there
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), os.environ.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep),
             "PYTHONUNBUFFERED": "1",
         }
         return Workers(commands, env, self.log_path)
 
-    async def insert_bulk(self, kind: str, count: int, queue: str = "default", first_seq: int = 0,
-                          extra: dict | None = None) -> float:
+    async def insert_bulk(
+        self,
+        kind: str,
+        count: int,
+        queue: str = "default",
+        first_seq: int = 0,
+        extra: dict | None = None,
+    ) -> float:
         """Insert ``count`` jobs with the tool's bulk API in batches; return the seconds it took."""
         batch = self.options.batch
         started = time.perf_counter()
@@ -174,7 +188,9 @@ class Driver:
     async def verify(self, expected: int) -> None:
         done = await self.adapter.completed()
         if done is not None and done != expected:
-            raise RuntimeError(f"{done} of {expected} jobs completed: jobs lost or failed")
+            raise RuntimeError(
+                f"{done} of {expected} jobs completed: jobs lost or failed"
+            )
 
     async def warm(self, workers: Workers, queue: str = "default") -> None:
         """Run one job through the started node so it is connected and idle, then settle."""
@@ -187,7 +203,7 @@ class Driver:
     async def cpu(self) -> dict:
         o = self.options
         await self.adapter.reset()
-        await self.insert_bulk("cpu", o.jobs, extra={"rounds": o.rounds})
+        await self.insert_bulk("cpu", o.jobs, extra={"rounds": o.rounds, "stamp": True})
         started = time.time()
         workers = self.start(o.processes, {"default": o.limit})
         try:
@@ -195,7 +211,29 @@ class Driver:
         finally:
             codes = workers.stop()
         await self.verify(o.jobs)
-        return {"wall_s": finished - started, "exit_codes": codes}
+        # Where the wall time went, from each job's own start and end stamps (pid included):
+        # start-up until the first job ran, and the tail from the moment the first busy
+        # process ran out of jobs for good until the last job ended (an idle core).
+        stamps = [
+            s for s in work.read_stamps(self.stamps, with_pid=True) if s[0] == "cpu"
+        ]
+        last_end: dict[int, float] = {}
+        per_pid: dict[int, int] = {}
+        for _, _, begun, ended, pid in stamps:
+            last_end[pid] = max(last_end.get(pid, 0.0), ended)
+            per_pid[pid] = per_pid.get(pid, 0) + 1
+        result = {"wall_s": finished - started, "exit_codes": codes}
+        if stamps:
+            result.update(
+                first_job_s=min(s[2] for s in stamps) - started,
+                last_job_end_s=max(last_end.values()) - started,
+                idle_tail_s=max(last_end.values()) - min(last_end.values())
+                if len(last_end) > 1
+                else 0.0,
+                jobs_per_process=sorted(per_pid.values(), reverse=True),
+                job_s_median=statistics.median(s[3] - s[2] for s in stamps),
+            )
+        return result
 
     async def noop(self) -> dict:
         o = self.options
@@ -224,7 +262,11 @@ class Driver:
         count = await self.adapter.count()
         if count is not None and count != o.jobs:
             raise RuntimeError(f"{count} of {o.jobs} inserted jobs found")
-        return {"insert_s": seconds, "jobs_per_s": o.jobs / seconds, "api": self.adapter.bulk_api}
+        return {
+            "insert_s": seconds,
+            "jobs_per_s": o.jobs / seconds,
+            "api": self.adapter.bulk_api,
+        }
 
     async def latency(self) -> dict:
         o = self.options
@@ -241,7 +283,11 @@ class Driver:
         finally:
             codes = workers.stop()
         await self.verify(o.jobs + 1)
-        started = {seq: t for kind, seq, t, _ in work.read_stamps(self.stamps) if kind == "start" and seq >= 0}
+        started = {
+            seq: t
+            for kind, seq, t, _ in work.read_stamps(self.stamps)
+            if kind == "start" and seq >= 0
+        }
         missing = [seq for seq in inserted if seq not in started]
         if missing:
             raise RuntimeError(f"{len(missing)} jobs never recorded their start")
@@ -260,7 +306,9 @@ class Driver:
         try:
             await self.warm(workers, "io")
             begun = time.time()
-            await self.insert_bulk("cpu", o.jobs, queue="cpu", extra={"rounds": o.rounds, "stamp": True})
+            await self.insert_bulk(
+                "cpu", o.jobs, queue="cpu", extra={"rounds": o.rounds, "stamp": True}
+            )
             inserted = {}
             for seq in range(o.jobs):
                 inserted[seq] = time.time()
@@ -313,17 +361,24 @@ class Driver:
             await asyncio.sleep(1.0)
             rss = {}
             for pid in workers.pids:
-                rss[pid] = {"rss_kib": rss_kib(pid), "children": {c: rss_kib(c) for c in descendants(pid)}}
+                rss[pid] = {
+                    "rss_kib": rss_kib(pid),
+                    "children": {c: rss_kib(c) for c in descendants(pid)},
+                }
         finally:
             codes = workers.stop()
-        children = [kib for entry in rss.values() for kib in entry["children"].values() if kib]
+        children = [
+            kib for entry in rss.values() for kib in entry["children"].values() if kib
+        ]
         tops = [entry["rss_kib"] for entry in rss.values()]
         # With one process per command (no children), the command itself is the worker.
         per_worker = children if children else tops
         return {
             "first_job_s": first - started,
             "worker_processes": len(per_worker),
-            "rss_per_worker_mib": statistics.median(per_worker) / 1024 if per_worker else 0.0,
+            "rss_per_worker_mib": statistics.median(per_worker) / 1024
+            if per_worker
+            else 0.0,
             "rss_total_mib": (sum(tops) + sum(children)) / 1024,
             "rss_parent_mib": statistics.median(tops) / 1024 if children else 0.0,
             "exit_codes": codes,
@@ -351,10 +406,21 @@ async def main_async(options: argparse.Namespace) -> dict:
                 pass
 
 
+def _terminate(signum, frame):
+    # SIGTERM from benchmarks.compare (or a user) unwinds through the finally
+    # blocks, so the workers this driver started are stopped, not orphaned.
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tool", required=True)
-    parser.add_argument("--scenario", required=True, choices=["cpu", "noop", "insert", "latency", "mixed", "startup"])
+    parser.add_argument(
+        "--scenario",
+        required=True,
+        choices=["cpu", "noop", "insert", "latency", "mixed", "startup"],
+    )
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--io-limit", type=int, default=20)
@@ -363,8 +429,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5_000)
     parser.add_argument("--gap", type=float, default=0.01)
     parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--pg", default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432"))
-    parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379"))
+    parser.add_argument(
+        "--pg",
+        default=os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432"),
+    )
+    parser.add_argument(
+        "--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+    )
     parser.add_argument("--log", help="file that receives the workers' output")
     options = parser.parse_args()
 
@@ -372,8 +443,12 @@ def main() -> None:
         result = {"ok": True, **asyncio.run(main_async(options))}
     except Unsupported as reason:
         result = {"ok": False, "unsupported": str(reason)}
-    except Exception as error:  # reported to compare, which shows it in the table
-        result = {"ok": False, "error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-2000:]}
+    except Exception as error:  # noqa: BLE001 - reported to compare, which shows it in the table
+        result = {
+            "ok": False,
+            "error": f"{type(error).__name__}: {error}",
+            "trace": traceback.format_exc()[-2000:],
+        }
     print("BENCH-RESULT " + json.dumps(result), flush=True)
 
 

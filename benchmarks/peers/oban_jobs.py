@@ -26,7 +26,9 @@ def _digest(seq, rounds, stamp):
 @worker(queue="default", max_attempts=1)
 class Digest:
     async def process(self, job):
-        await asyncio.to_thread(_digest, job.args["seq"], job.args["rounds"], job.args.get("stamp"))
+        await asyncio.to_thread(
+            _digest, job.args["seq"], job.args["rounds"], job.args.get("stamp")
+        )
 
 
 @worker(queue="default", max_attempts=1)
@@ -81,7 +83,9 @@ class Adapter:
         self.conn = await pg.connect(self.dsn)
         self.pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=2, open=False)
         await self.pool.open()
-        if not await self.conn.val("SELECT to_regclass('public.oban_jobs') IS NOT NULL"):
+        if not await self.conn.val(
+            "SELECT to_regclass('public.oban_jobs') IS NOT NULL"
+        ):
             await install(self.pool)
         self.oban = Oban(pool=self.pool)
         await self.oban.start()
@@ -105,19 +109,33 @@ class Adapter:
         await KINDS[kind].enqueue(args, queue=queue)
 
     async def pending(self) -> int:
-        return await self.conn.val(f"SELECT count(*) FROM (SELECT 1 FROM oban_jobs WHERE {PENDING} LIMIT 1) s")
+        return await self.conn.val(
+            f"SELECT count(*) FROM (SELECT 1 FROM oban_jobs WHERE {PENDING} LIMIT 1) s"
+        )
 
     async def count(self) -> int:
         return await self.conn.val("SELECT count(*) FROM oban_jobs")
 
     async def completed(self) -> int:
-        return await self.conn.val("SELECT count(*) FROM oban_jobs WHERE state = 'completed'")
+        return await self.conn.val(
+            "SELECT count(*) FROM oban_jobs WHERE state = 'completed'"
+        )
 
     def commands(self, processes, limits):
         queues = ",".join(f"{name}:{limit}" for name, limit in limits.items())
         # --cron-modules names the worker module, so `oban start` imports it at
         # start (as obanpro's --import does) instead of scanning the directory.
-        return [[
-            self.executable, "start", "--dsn", self.dsn, "--queues", queues,
-            "--cron-modules", __name__, "--log-level", "WARNING",
-        ]]
+        return [
+            [
+                self.executable,
+                "start",
+                "--dsn",
+                self.dsn,
+                "--queues",
+                queues,
+                "--cron-modules",
+                __name__,
+                "--log-level",
+                "WARNING",
+            ]
+        ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -89,20 +88,38 @@ class Adapter:
         await KINDS[kind].enqueue(args, queue=queue)
 
     async def pending(self) -> int:
-        return await self.conn.val(f"SELECT count(*) FROM (SELECT 1 FROM oban_jobs WHERE {PENDING} LIMIT 1) s")
+        return await self.conn.val(
+            f"SELECT count(*) FROM (SELECT 1 FROM oban_jobs WHERE {PENDING} LIMIT 1) s"
+        )
 
     async def count(self) -> int:
         return await self.conn.val("SELECT count(*) FROM oban_jobs")
 
     async def completed(self) -> int:
-        return await self.conn.val("SELECT count(*) FROM oban_jobs WHERE state = 'completed'")
+        return await self.conn.val(
+            "SELECT count(*) FROM oban_jobs WHERE state = 'completed'"
+        )
 
     def commands(self, processes, limits):
         queues = ",".join(f"{name}:{limit}" for name, limit in limits.items())
-        return [[
-            self.executable, "start", "--dsn", self.dsn, "--import", __name__,
-            "-q", queues, "-p", str(processes), "--log-level", "WARNING",
-        ]]
+        return [
+            [
+                self.executable,
+                "start",
+                "--dsn",
+                self.dsn,
+                "--import",
+                __name__,
+                "-q",
+                queues,
+                "-p",
+                str(processes),
+                "--log-level",
+                "WARNING",
+            ]
+        ]
 
     def describe(self, processes, limits):
-        return " ".join(self.commands(processes, limits)[0][1:]).replace(self.dsn, "$DSN")
+        return " ".join(self.commands(processes, limits)[0][1:]).replace(
+            self.dsn, "$DSN"
+        )

@@ -30,14 +30,18 @@ async def connect(dsn: str) -> Connection:
     except ImportError:
         import psycopg
 
-        return Connection(await psycopg.AsyncConnection.connect(dsn, autocommit=True), "psycopg")
+        return Connection(
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True), "psycopg"
+        )
     return Connection(await asyncpg.connect(dsn), "asyncpg")
 
 
 async def ensure_database(server: str, name: str) -> str:
     """Create database ``name`` on ``server`` (a DSN without a database) unless it exists; return its DSN."""
     if not name.startswith("bench_"):
-        raise ValueError(f"refusing to manage database {name!r}: benchmark databases are named bench_<tool>")
+        raise ValueError(
+            f"refusing to manage database {name!r}: benchmark databases are named bench_<tool>"
+        )
     admin = await connect(f"{server.rstrip('/')}/postgres")
     try:
         exists = await admin.val(f"SELECT 1 FROM pg_database WHERE datname = '{name}'")

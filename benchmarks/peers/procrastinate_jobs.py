@@ -68,12 +68,18 @@ class Adapter:
     async def open(self) -> None:
         from . import pg
 
-        if self.options.pg.rstrip("/") != os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432").rstrip("/"):
-            raise RuntimeError("pass the PostgreSQL server to the Procrastinate peer in BENCH_PG")
+        if self.options.pg.rstrip("/") != os.environ.get(
+            "BENCH_PG", "postgresql://postgres@127.0.0.1:5432"
+        ).rstrip("/"):
+            raise RuntimeError(
+                "pass the PostgreSQL server to the Procrastinate peer in BENCH_PG"
+            )
         self.dsn = await pg.ensure_database(self.options.pg, DATABASE)
         self.conn = await pg.connect(self.dsn)
         await app.open_async()
-        if not await self.conn.val("SELECT to_regclass('public.procrastinate_jobs') IS NOT NULL"):
+        if not await self.conn.val(
+            "SELECT to_regclass('public.procrastinate_jobs') IS NOT NULL"
+        ):
             await app.schema_manager.apply_schema_async()
 
     async def close(self) -> None:
@@ -102,12 +108,24 @@ class Adapter:
         return await self.conn.val("SELECT count(*) FROM procrastinate_jobs")
 
     async def completed(self) -> int:
-        return await self.conn.val("SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'")
+        return await self.conn.val(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'"
+        )
 
     def commands(self, processes, limits):
         concurrency = max(1, math.ceil(sum(limits.values()) / processes))
         return [
-            [self.executable, "--app", f"{__name__}.app", "--log-level", "warning", "worker",
-             "--concurrency", str(concurrency), "--queues", ",".join(limits)]
+            [
+                self.executable,
+                "--app",
+                f"{__name__}.app",
+                "--log-level",
+                "warning",
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--queues",
+                ",".join(limits),
+            ]
             for _ in range(processes)
         ]

@@ -22,14 +22,14 @@ def sha256_rounds(seed: str, rounds: int = ROUNDS) -> str:
 
 
 def stamp(kind: str, seq: int, started: float, finished: float | None = None) -> None:
-    """Append one line ``kind seq started finished`` to the file named by BENCH_STAMPS, if set.
+    """Append one line ``kind seq started finished pid`` to the file named by BENCH_STAMPS, if set.
 
     One short write with O_APPEND, so lines from several processes never interleave.
     """
     path = os.environ.get("BENCH_STAMPS")
     if not path:
         return
-    line = f"{kind} {seq} {started!r} {finished if finished is not None else 0.0!r}\n".encode()
+    line = f"{kind} {seq} {started!r} {finished if finished is not None else 0.0!r} {os.getpid()}\n".encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -37,13 +37,15 @@ def stamp(kind: str, seq: int, started: float, finished: float | None = None) ->
         os.close(fd)
 
 
-def read_stamps(path: str) -> list[tuple[str, int, float, float]]:
+def read_stamps(path: str, with_pid: bool = False) -> list[tuple]:
+    """The stamps as ``(kind, seq, started, finished)``, plus the pid with ``with_pid``."""
     rows = []
     try:
         with open(path) as handle:
             for line in handle:
-                kind, seq, started, finished = line.split()
-                rows.append((kind, int(seq), float(started), float(finished)))
+                kind, seq, started, finished, pid = line.split()
+                row = (kind, int(seq), float(started), float(finished))
+                rows.append(row + (int(pid),) if with_pid else row)
     except FileNotFoundError:
         pass
     return rows
