@@ -613,6 +613,25 @@ cdef class SlotTable:
             elif op_cas_u64(&entry.word, word, 0):
                 return True
 
+    def reuse(self, int e, int pid):
+        """Clear entry ``e``, owned by ``pid``, for a new job without returning the slot.
+
+        Returns False, and leaves the entry alone, when the slot is retiring
+        after a scale-down: it must be released instead.
+        """
+        cdef Entry *entry = self._entry(e)
+        cdef uint64_t word = op_load_u64(&entry.word)
+
+        if (word & PID_MASK) != <uint64_t><uint32_t>pid:
+            raise ValueError(f"slot {e} is not owned by pid {pid} (word {word:#x})")
+        if word & RETIRE:
+            return False
+
+        op_store_i64(&entry.job_id, 0)
+        op_store_i64(&entry.deadline_ns, 0)
+        op_store_u32(&entry.cancel, 0)
+        return True
+
     def owner(self, int e):
         """Return the pid that owns entry ``e``, or 0."""
         return <int>(op_load_u64(&self._entry(e).word) & PID_MASK)

@@ -14,12 +14,14 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import asyncpg
 
-from . import queries, telemetry
+from . import _core, queries, telemetry
 from .db import CONNECTION_ERRORS, QUERY_TIMEOUT, Backoff, recover
 from .executor import AckAction, error_entry
+from .job import Job, JobState
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +35,36 @@ def _json(value: object) -> str | None:
     return json.dumps(value, separators=(",", ":"), default=repr).replace("\\u0000", "\\ufffd")
 
 
+@dataclass(slots=True)
+class Refill:
+    """New jobs of one queue to fetch in the statement that acks a batch, for slots the batch frees."""
+
+    queue: str
+    entries: list[int]
+    attempted_by: list[str]
+    lost: Callable[[], None]
+    """Called when the statement's reply is lost, so the producer looks for jobs it fetched unknowingly."""
+
+
 class Acker:
-    """Batches `AckAction`s and writes them, calling ``on_acked`` once they are stored."""
+    """Batches `AckAction`s and writes them, calling ``on_acked`` once they are stored.
+
+    With ``plan_refill``, a batch that frees slots a producer wants again also
+    fetches that producer's next jobs in the same statement, which saves a
+    round trip and a commit per batch under load.
+    """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         prefix: str,
-        on_acked: Callable[[list[AckAction]], None],
+        on_acked: Callable[[list[AckAction], Refill | None, list[Job]], None],
+        plan_refill: Callable[[list[AckAction]], Refill | None] | None = None,
     ) -> None:
         self._pool = pool
         self._sql = queries.load("ack_jobs", prefix)
+        self._refill_sql = queries.load("ack_and_fetch_jobs", prefix)
+        self._plan_refill = plan_refill
         self._on_acked = on_acked
         self._pending: list[AckAction] = []
         self._arrived = asyncio.Event()
@@ -108,13 +129,34 @@ class Acker:
             if not self._pending:
                 self._idle.set()
 
-    async def _write(self, batch: list[AckAction]) -> None:
-        with telemetry.span("oban.producer.ack", {"count": len(batch)}):
-            async with self._pool.acquire(timeout=QUERY_TIMEOUT) as conn:
-                rows = await conn.fetch(self._sql, *ack_columns(batch), timeout=QUERY_TIMEOUT)
+    async def _write(self, batch: list[AckAction], *, refill_allowed: bool = True) -> None:
+        refill = self._plan_refill(batch) if self._plan_refill and refill_allowed else None
 
-        if len(rows) != len(batch):
-            stored = {row[0] for row in rows}
+        with telemetry.span("oban.producer.ack", {"count": len(batch)}) as span:
+            try:
+                async with self._pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+                    if refill is None:
+                        rows = await conn.fetch(self._sql, *ack_columns(batch), timeout=QUERY_TIMEOUT)
+                        stored = {row[0] for row in rows}
+                    else:
+                        rows = await conn.fetch(
+                            self._refill_sql,
+                            *ack_columns(batch),
+                            refill.queue,
+                            len(refill.entries),
+                            refill.attempted_by,
+                            timeout=QUERY_TIMEOUT,
+                        )
+                        stored = set(rows[0]["acked_ids"])
+            except CONNECTION_ERRORS:
+                if refill is not None:
+                    refill.lost()
+                raise
+
+            jobs = [] if refill is None else _core.decode_jobs([row for row in rows if row[0] is not None], Job, JobState.EXECUTING)
+            span.add({"fetched": len(jobs)})
+
+        if len(stored) != len(batch):
             for action in batch:
                 if action.job.id not in stored:
                     log.warning(
@@ -125,12 +167,12 @@ class Acker:
                         action.job.attempt,
                     )
 
-        self._on_acked(batch)
+        self._on_acked(batch, refill, jobs)
 
     async def _write_each(self, batch: list[AckAction]) -> None:
         for action in batch:
             try:
-                await self._write([action])
+                await self._write([action], refill_allowed=False)
                 continue
             except CONNECTION_ERRORS:
                 self._pending.append(action)
@@ -148,14 +190,14 @@ class Acker:
                 error=error_entry(action.job, f"storing the job's result failed: {rejection}"),
             )
             try:
-                await self._write([fallback])
+                await self._write([fallback], refill_allowed=False)
             except (asyncpg.PostgresError, *CONNECTION_ERRORS) as second:
                 log.error(
                     "job %s stays executing until the lifeline rescues it: its ack failed twice (%r)",
                     action.job.id,
                     second,
                 )
-                self._on_acked([action])
+                self._on_acked([action], None, [])
 
 
 def ack_columns(batch: list[AckAction]) -> tuple[list, ...]:

@@ -131,16 +131,38 @@ class Producer:
             if len(jobs) < len(entries):
                 return
 
-    def _demand(self) -> int:
+    def _wanted(self, held: int) -> int:
+        """Return how many more slots this process should hold when it holds ``held``."""
         runtime = self.runtime
         limit = runtime.slots.limit(self.queue_index)
         share = math.ceil(limit / max(1, runtime.live_workers()))
-        demand = share - self.held
 
         # Beyond its share only with evidence: a CPU sample taken while it held
         # its share, after its last take, that found the process unsaturated.
-        if self.held >= share and runtime.cpu_idle_since(self.last_take_ns):
-            demand = limit - self.held
+        if held >= share and runtime.cpu_idle_since(self.last_take_ns):
+            return limit - held
+
+        return share - held
+
+    def refill_demand(self, freed: int) -> int:
+        """Return how many of ``freed`` slots, about to be returned, should take new jobs at once."""
+        slots = self.runtime.slots
+        if self.runtime.draining or slots.paused(self.queue_index):
+            return 0
+        if slots.queue_state(self.queue_index) != _core.QUEUE_RUNNING:
+            return 0
+
+        return max(0, min(freed, self._wanted(self.held - freed)))
+
+    def expect_orphans(self) -> None:
+        """Look for rows this producer fetched but never received, before its next fetch."""
+        self._orphans_possible = True
+        self.wake()
+
+    def _demand(self) -> int:
+        runtime = self.runtime
+        limit = runtime.slots.limit(self.queue_index)
+        demand = self._wanted(self.held)
 
         self.limited = demand <= 0 and self.held < limit
         if self.limited and runtime.slots.counts(self.queue_index)[0] > 0:

@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from . import _core
-from .acker import Acker
+from .acker import Acker, Refill
 from .db import create_pool
 from .executor import AckAction, Executor
 from .job import Job
@@ -140,7 +140,7 @@ class Runtime:
             self.dsn, min_size=1, max_size=1, internal=True, server_settings={"synchronous_commit": "off"}
         )
 
-        self._acker = Acker(self.pool, self.prefix, self._on_acked)
+        self._acker = Acker(self.pool, self.prefix, self._on_acked, self._plan_refill)
         self._acker.start()
 
         self._notifier = Notifier(self.dsn, self.prefix, {"insert": self._on_insert}, on_reconnect=self._on_reconnect)
@@ -167,10 +167,20 @@ class Runtime:
 
         await asyncio.gather(*(producer.stop() for producer in self._producers.values()))
 
-        tasks = [task for task, _job, _producer in self._running.values()]
-        if tasks:
-            log.info("pid %s waiting up to %.1f s for %d running jobs", self.pid, max(0.0, deadline - time.monotonic()), len(tasks))
+        if self._running:
+            log.info(
+                "pid %s waiting up to %.1f s for %d running jobs",
+                self.pid,
+                max(0.0, deadline - time.monotonic()),
+                len(self._running),
+            )
+
+        # An ack in flight when draining began may still start the jobs it
+        # fetched, so wait until nothing runs rather than for a snapshot.
+        while self._running and time.monotonic() < deadline:
+            tasks = [task for task, _job, _producer in self._running.values()]
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            await self._acker.flush(max(0.0, deadline - time.monotonic()))
 
         flushed = await self._acker.flush(max(0.1, deadline - time.monotonic())) if self._acker else True
         left = len(self._running)
@@ -228,20 +238,60 @@ class Runtime:
         job = self._running[entry][1]
         self.slots.set_job(entry, job.id, job.attempt, self.worker_index, timeout)
 
-    def _on_acked(self, batch: list[AckAction]) -> None:
+    def _plan_refill(self, batch: list[AckAction]) -> Refill | None:
+        """Choose the producer whose freed slots the ack statement should fill again, if any wants them."""
+        if self.draining or self.slots.stopping:
+            return None
+
+        freed: dict[Producer, list[int]] = {}
+        for action in batch:
+            running = self._running.get(action.entry)
+            if running is not None:
+                freed.setdefault(running[2], []).append(action.entry)
+        if not freed:
+            return None
+
+        producer, entries = max(freed.items(), key=lambda item: len(item[1]))
+        demand = producer.refill_demand(len(entries))
+        if demand <= 0:
+            return None
+
+        return Refill(producer.queue, entries[:demand], producer.attempted_by, producer.expect_orphans)
+
+    def _on_acked(self, batch: list[AckAction], refill: Refill | None, jobs: list[Job]) -> None:
         woken: set[Producer] = set()
+        fetched = dict(zip(refill.entries, jobs)) if refill is not None else {}
+        placed: list[tuple[Producer, Job, int]] = []
 
         for action in batch:
             running = self._running.pop(action.entry, None)
             self._cancelled.discard(action.entry)
+            producer = running[2] if running is not None else None
+            job = fetched.pop(action.entry, None)
+
+            if job is not None and producer is not None and self.slots.reuse(action.entry, self.pid):
+                placed.append((producer, job, action.entry))
+                continue
+
+            if job is not None:
+                fetched[action.entry] = job
             self.slots.release(action.entry, self.pid)
-            if running is not None:
-                producer = running[2]
+            if producer is not None:
                 producer.held -= 1
                 woken.add(producer)
 
         self._jobs_run += len(batch)
         self.slots.add_jobs_run(self.worker_index, len(batch))
+
+        for producer, job, entry in placed:
+            self.start_job(producer, job, entry)
+
+        if fetched:
+            # A slot retired by a scale-down between the plan and the reply: the
+            # producer gives those rows back as jobs it fetched without a slot.
+            producer = self._producers.get(refill.queue)
+            if producer is not None:
+                producer.expect_orphans()
 
         if self._max_jobs and self._jobs_run >= self._max_jobs and not self.draining:
             self._begin_recycle(f"it ran {self._jobs_run} jobs (max-jobs-per-process {self._max_jobs})")

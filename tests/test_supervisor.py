@@ -21,12 +21,16 @@ from .conftest import Node, wait_for
 async def _table(node: Node) -> slots.Segment:
     """Attach to the live slot table of ``node`` once its supervisor created it."""
 
-    def find() -> str | None:
+    def find() -> slots.Segment | None:
         names = [name for name in slots.segment_names() if f".{node.pid}." in name]
-        return names[0] if names else None
+        if not names:
+            return None
+        try:
+            return slots.attach(names[0])
+        except ValueError:
+            return None  # the supervisor has not finished writing the header yet
 
-    name = await wait_for(find, timeout=20)
-    return slots.attach(name)
+    return await wait_for(find, timeout=20)
 
 
 async def _workers(segment: slots.Segment, count: int) -> list[int]:
@@ -165,6 +169,10 @@ async def _executing_count(conn: asyncpg.Connection, prefix: str) -> int:
     return await conn.fetchval(f"SELECT count(*) FROM {prefix}.oban_jobs WHERE state = 'executing'")
 
 
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def _alive(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/stat").read_text()
@@ -265,8 +273,16 @@ async def test_io_jobs_may_fill_one_process(start_node, oban: Oban, conn: asyncp
     pids = await _workers(segment, 2)
     table = segment.table
 
-    # Stop one process from taking work: the other alone must reach the whole limit.
-    os.kill(pids[1], signal.SIGSTOP)
+    # Stop one process from taking work, at a moment when it holds no slot (it
+    # holds some briefly during each empty fetch): the other alone must then
+    # reach the whole limit.
+    while True:
+        os.kill(pids[1], signal.SIGSTOP)
+        await wait_for(lambda: _state(pids[1]) == "T", timeout=5)
+        if not table.owned_by(pids[1]):
+            break
+        os.kill(pids[1], signal.SIGCONT)
+        time.sleep(0.01)
     try:
         await oban.enqueue_many([workers.Sleep.new({"seconds": 3}) for _ in range(20)])
         await wait_for(lambda: table.counts(0)[1] == 20, timeout=20)
