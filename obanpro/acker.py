@@ -11,9 +11,10 @@ server rejects is split so one bad ack cannot block the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -71,11 +72,17 @@ class Acker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._in_flight = 0
         self.failures = 0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def in_flight(self) -> int:
+        """Acks taken from the queue and not stored yet."""
+        return self._in_flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="obanpro-acker")
@@ -108,6 +115,7 @@ class Acker:
             batch, self._pending = self._pending, []
 
             while batch:
+                self._in_flight = len(batch)
                 try:
                     await self._write(batch)
                     backoff.reset()
@@ -125,7 +133,16 @@ class Acker:
                     log.error("the server rejected a batch of %d acks: %r; acking one by one", len(batch), error)
                     await self._write_each(batch)
                     batch = []
+                except Exception:
+                    # A bug here must not end the loop: the jobs would stay executing
+                    # and their slots held while the process looks alive.
+                    self.failures += 1
+                    log.exception("acking %d jobs failed; retrying in %.2f s", len(batch), backoff.delay)
+                    await backoff.sleep()
+                    batch.extend(self._pending)
+                    self._pending = []
 
+            self._in_flight = 0
             if not self._pending:
                 self._idle.set()
 
@@ -134,7 +151,7 @@ class Acker:
 
         with telemetry.span("oban.producer.ack", {"count": len(batch)}) as span:
             try:
-                async with self._pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+                async with _acquire(self._pool) as conn:
                     if refill is None:
                         rows = await conn.fetch(self._sql, *ack_columns(batch), timeout=QUERY_TIMEOUT)
                         stored = {row[0] for row in rows}
@@ -198,6 +215,26 @@ class Acker:
                     second,
                 )
                 self._on_acked([action], None, [])
+
+
+class AcquireError(ConnectionError):
+    """Raised when no connection could be opened for an ack, whatever the server answered."""
+
+
+@contextlib.asynccontextmanager
+async def _acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    # An error while opening a connection (for example "the database system is
+    # starting up") says nothing about the ack itself, so it is retried as a
+    # connection error instead of being taken as a rejected ack.
+    try:
+        conn = await pool.acquire(timeout=QUERY_TIMEOUT)
+    except asyncpg.PostgresError as error:
+        raise AcquireError(f"opening a connection failed: {error!r}") from error
+
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
 
 
 def ack_columns(batch: list[AckAction]) -> tuple[list, ...]:

@@ -106,7 +106,9 @@ class Duties:
         backoff = Backoff(maximum=5.0)
         while not stop.is_set():
             try:
-                return await create_pool(self.dsn, min_size=1, max_size=3, internal=True)
+                return await create_pool(
+                    self.dsn, min_size=1, max_size=3, internal=True, application_name=f"obanpro {self.config.node} duties"
+                )
             except CONNECTION_ERRORS as error:
                 log.warning("duties process could not connect: %r; retrying in %.2f s", error, backoff.delay)
                 await backoff.sleep()

@@ -117,6 +117,10 @@ def find_unserializable(value: Any, path: str = "args") -> str | None:
             if not isinstance(key, str):
                 return f"{path}[{key!r}] (keys must be strings)"
 
+            problem = _string_problem(key, f"{path} key {key!r}")
+            if problem:
+                return problem
+
             found = find_unserializable(item, f"{path}[{key!r}]")
             if found:
                 return found
@@ -131,6 +135,9 @@ def find_unserializable(value: Any, path: str = "args") -> str | None:
 
         return None
 
+    if isinstance(value, str):
+        return _string_problem(value, path)
+
     if isinstance(value, float) and not math.isfinite(value):
         return f"{path} ({value!r} is not valid JSON)"
 
@@ -138,6 +145,22 @@ def find_unserializable(value: Any, path: str = "args") -> str | None:
         return None
 
     return f"{path} ({type(value).__name__} is not JSON-serialisable)"
+
+
+def _string_problem(value: str, path: str) -> str | None:
+    """Name what PostgreSQL's jsonb rejects in a string: NUL, or a surrogate without its pair."""
+    if value.isascii():
+        return f"{path} (contains the NUL character, which jsonb cannot store)" if "\x00" in value else None
+
+    if "\x00" in value:
+        return f"{path} (contains the NUL character, which jsonb cannot store)"
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{path} (contains an unpaired surrogate, which is not valid Unicode)"
+
+    return None
 
 
 def encode_object(value: Any, field: str) -> str:

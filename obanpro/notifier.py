@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 
-from .db import CONNECTION_ERRORS, Backoff
+from .db import CONNECTION_ERRORS, Backoff, wake_retries
 from .dsn import describe_dsn
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 PLAIN_PAYLOAD_LIMIT = 512
 HEARTBEAT_INTERVAL = 5.0
 CONNECT_TIMEOUT = 5.0
+RECONNECT_MAX_DELAY = 1.0
+"""Longest wait in seconds between reconnection attempts, before jitter. A reconnection
+ends the backoff of every retry loop in the process, so it sets how soon a node
+resumes after an outage."""
 
 Callback = Callable[[str, dict[str, Any]], Any]
 
@@ -182,7 +186,7 @@ class Notifier:
             self._conn.terminate()
             self._conn = None
 
-        backoff = Backoff()
+        backoff = Backoff(maximum=RECONNECT_MAX_DELAY)
         while True:
             try:
                 await self._connect()
@@ -198,6 +202,8 @@ class Notifier:
 
         self.reconnects += 1
         log.info("LISTEN connection to %s re-established", describe_dsn(self._dsn))
+        # The database answers again: fetches and acks waiting out a backoff retry now.
+        wake_retries()
 
         if self._on_reconnect is not None:
             await self._on_reconnect()

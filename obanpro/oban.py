@@ -133,7 +133,12 @@ class Oban:
             return self
 
         if self.pool is None:
-            self.pool = await create_pool(self.dsn, min_size=self._pool_sizes[0], max_size=self._pool_sizes[1])
+            self.pool = await create_pool(
+                self.dsn,
+                min_size=self._pool_sizes[0],
+                max_size=self._pool_sizes[1],
+                application_name=f"obanpro {self.node} {self.name}",
+            )
 
         if self.queues:
             await schema.verify(self.pool, self.prefix)

@@ -67,7 +67,8 @@ class Producer:
             self._task = None
 
     async def _loop(self) -> None:
-        backoff = Backoff()
+        # Retries of a failed fetch are cheap, so they stay within the poll interval.
+        backoff = Backoff(maximum=POLL_INTERVAL)
         runtime = self.runtime
 
         while not runtime.draining:

@@ -27,7 +27,7 @@ import asyncpg
 
 from . import _core
 from .acker import Acker, Refill
-from .db import create_pool
+from .db import create_pool, session_settings
 from .executor import AckAction, Executor
 from .job import Job
 from .notifier import Notifier
@@ -36,6 +36,9 @@ from .worker import lookup
 
 log = logging.getLogger(__name__)
 
+ACK_MARGIN = 3.0
+"""Seconds past the grace period for storing the results of finished jobs, below the
+supervisor's kill margin so the process still exits by itself."""
 MONITOR_INTERVAL = 0.05
 HEARTBEAT_INTERVAL = 1.0
 CPU_BUSY_FRACTION = 0.6
@@ -132,18 +135,30 @@ class Runtime:
 
     async def start(self) -> None:
         """Open connections, start listening and start a producer per running queue."""
-        self.pool = await create_pool(self.dsn, min_size=1, max_size=2, internal=True)
+        name = f"obanpro {self.node} worker {self.worker_index}"
+        self.pool = await create_pool(self.dsn, min_size=1, max_size=2, internal=True, application_name=f"{name} ack")
         # A fetch that is lost in a server crash only makes its jobs available
         # again, which a dead worker does too, so fetches skip waiting for the
         # WAL flush (about 0.2 ms a commit here). Acks wait for it.
         self.fetch_pool = await create_pool(
-            self.dsn, min_size=1, max_size=1, internal=True, server_settings={"synchronous_commit": "off"}
+            self.dsn,
+            min_size=1,
+            max_size=1,
+            internal=True,
+            application_name=f"{name} fetch",
+            server_settings={"synchronous_commit": "off"},
         )
 
         self._acker = Acker(self.pool, self.prefix, self._on_acked, self._plan_refill)
         self._acker.start()
 
-        self._notifier = Notifier(self.dsn, self.prefix, {"insert": self._on_insert}, on_reconnect=self._on_reconnect)
+        self._notifier = Notifier(
+            self.dsn,
+            self.prefix,
+            {"insert": self._on_insert},
+            on_reconnect=self._on_reconnect,
+            connect_kwargs={"server_settings": session_settings(f"{name} listen")},
+        )
         await self._notifier.start()
 
         self._refresh_queues()
@@ -159,7 +174,9 @@ class Runtime:
     async def drain(self, grace: float) -> bool:
         """Stop taking jobs, wait up to ``grace`` seconds for running ones, and store every ack.
 
-        Returns True when nothing was left running or unacked.
+        Finished jobs whose acks cannot be stored yet get `ACK_MARGIN` more
+        seconds, which is less than the supervisor waits before killing the
+        process. Returns True when nothing was left running or unacked.
         """
         deadline = time.monotonic() + grace
         self.draining = True
@@ -177,22 +194,29 @@ class Runtime:
 
         # An ack in flight when draining began may still start the jobs it
         # fetched, so wait until nothing runs rather than for a snapshot.
-        while self._running and time.monotonic() < deadline:
-            tasks = [task for task, _job, _producer in self._running.values()]
-            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-            await self._acker.flush(max(0.0, deadline - time.monotonic()))
+        while self._unfinished() and time.monotonic() < deadline:
+            await asyncio.wait(self._unfinished(), timeout=max(0.0, deadline - time.monotonic()))
 
-        flushed = await self._acker.flush(max(0.1, deadline - time.monotonic())) if self._acker else True
-        left = len(self._running)
-        if left:
+        flushed = await self._acker.flush(max(0.1, deadline + ACK_MARGIN - time.monotonic()))
+        unfinished = self._unfinished()
+        if unfinished:
             log.warning(
                 "pid %s stops with %d jobs still running after the %.1f s grace period: %s; they are left for rescue",
                 self.pid,
-                left,
+                len(unfinished),
                 grace,
-                sorted(job.id for _task, job, _producer in self._running.values()),
+                sorted(job.id for task, job, _producer in self._running.values() if task in unfinished),
             )
-        return flushed and not left
+        if not flushed:
+            log.error(
+                "pid %s stops with %d finished jobs whose results could not be stored; they are left for rescue",
+                self.pid,
+                self._acker.pending + self._acker.in_flight,
+            )
+        return flushed and not unfinished
+
+    def _unfinished(self) -> list[asyncio.Task[None]]:
+        return [task for task, _job, _producer in self._running.values() if not task.done()]
 
     async def stop(self) -> None:
         """Cancel what still runs and close connections. Call `drain` first for a graceful stop."""

@@ -2,15 +2,18 @@
 
 The supervisor creates one segment per node with a unique name
 (``/obanpro.<uid>.<supervisor pid>.<random>``), mode 0600, and is the only
-process that unlinks it. Workers inherit the mapping through fork. A segment
-whose supervisor died is removed by the next ``obanpro start`` of the same
-user; ``obanpro status`` finds running nodes by listing the segments.
+process that unlinks it. Workers inherit the mapping through fork, and the
+supervisor's descriptor with an exclusive flock on the segment. A segment that
+no process holds locked any more belongs to a node that is gone: the next
+``obanpro start`` of the same user removes it. ``obanpro status`` finds running
+nodes by listing the segments.
 
 The byte layout and the lock-free operations live in ``_core.pyx``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -43,6 +46,8 @@ class Segment:
     name: str
     table: SlotTable
     mapping: mmap.mmap
+    lock_fd: int = -1
+    """The supervisor's open descriptor with an exclusive flock, held while the node runs."""
 
     def close(self) -> None:
         """Drop this process's view; the segment stays for the others."""
@@ -51,6 +56,9 @@ class Segment:
             self.mapping.close()
         except BufferError:
             pass  # a view is still exported; the mapping closes with the process
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def unlink(self) -> None:
         """Remove the segment's name; processes that mapped it keep their mapping."""
@@ -81,10 +89,15 @@ def create(node: str, queues: dict[str, dict], max_workers: int) -> Segment:
     memory = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=size)
     try:
         mapping = mmap.mmap(memory.fd, size)
-    finally:
+        # The lock lives as long as any process of the node keeps this descriptor,
+        # forked workers included, which tells a live segment from a stale one
+        # even where pids are not comparable (separate pid namespaces).
+        fcntl.flock(memory.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
         memory.close_fd()
+        raise
 
-    return Segment(name, _format(mapping, node, queues, capacities), mapping)
+    return Segment(name, _format(mapping, node, queues, capacities), mapping, memory.fd)
 
 
 def private_table(node: str, queues: dict[str, dict]) -> SlotTable:
@@ -120,29 +133,30 @@ def segment_names() -> list[str]:
     return sorted(names)
 
 
-def supervisor_alive(pid: int) -> bool:
+def in_use(name: str) -> bool:
+    """Return True while some process of the node that created segment ``name`` still runs."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        memory = posix_ipc.SharedMemory(name, flags=0, read_only=True)
+    except posix_ipc.ExistentialError:
         return False
-    except PermissionError:
-        return True
 
-    # A zombie holds its pid until reaped but runs nothing.
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        fcntl.flock(memory.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
+    finally:
+        memory.close_fd()
+
+    return False
 
 
 def remove_stale() -> list[str]:
-    """Unlink this user's segments whose supervisor is gone; return their names."""
+    """Unlink this user's segments that no running node holds; return their names."""
     removed = []
 
     for name in segment_names():
         pid = _pid_from_name(name)
-        if pid is None or pid == os.getpid() or supervisor_alive(pid):
+        if pid == os.getpid() or in_use(name):
             continue
 
         try:
@@ -161,8 +175,7 @@ def live_segments() -> list[Segment]:
     found = []
 
     for name in segment_names():
-        pid = _pid_from_name(name)
-        if pid is None or not supervisor_alive(pid):
+        if not in_use(name):
             continue
         try:
             found.append(attach(name, writable=False))

@@ -1,0 +1,1 @@
+"""Fault benchmarks: a long transaction that holds back vacuum, and a soak run."""
