@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -796,6 +797,11 @@ def run_row(row: Row, timeout: float, log: Path) -> dict:
     }
 
 
+RESOURCE_ERRORS = re.compile(
+    r"too many clients|TooManyConnections|PoolTimeout|pool initialization incomplete"
+)
+"""Failures that come from the shared server running out of connections, not from the tool: retried."""
+
 RUNNING: list[subprocess.Popen] = []
 """The driver being measured, so an interrupted comparison can stop it (and so its workers) by pid."""
 
@@ -933,8 +939,8 @@ def run(options: argparse.Namespace) -> dict:
                 for retry in range(3):
                     # The PostgreSQL server is shared: when someone else holds every
                     # connection, wait and measure again rather than lose the run.
-                    if outcome.get("ok") or "too many clients" not in str(
-                        outcome.get("error", "")
+                    if outcome.get("ok") or not RESOURCE_ERRORS.search(
+                        str(outcome.get("error", ""))
                     ):
                         break
                     say(

@@ -126,7 +126,7 @@ def main() -> None:
         ax.set_title(title)
         for y, v in zip(ys, values):
             ax.text(
-                v[0],
+                v[2],
                 y,
                 f" {v[0]:,.2f}" if v[0] < 100 else f" {v[0]:,.0f}",
                 va="center",

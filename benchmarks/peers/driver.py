@@ -48,7 +48,9 @@ class Workers:
     def __init__(
         self, commands: list[list[str]], env: dict[str, str], log_path: str
     ) -> None:
+        self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_start = self.log.tell()
         self.procs = [
             subprocess.Popen(
                 command,
@@ -71,8 +73,22 @@ class Workers:
             code = proc.poll()
             if code is not None:
                 raise RuntimeError(
-                    f"worker command {proc.args[:4]} exited early with code {code}"
+                    f"worker command {proc.args[:4]} exited early with code {code}: "
+                    f"{self.last_error()}"
                 )
+
+    def last_error(self) -> str:
+        """The last line of the workers' output that names an error, from this run's part of the log."""
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self.log_start)
+                lines = handle.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line.strip() for line in lines if "Error" in line or "error" in line]
+        return (
+            errors[-1][:300] if errors else (lines[-1][:300] if lines else "no output")
+        )
 
     def stop(self, timeout: float = 20.0) -> list[int | None]:
         for proc in self.procs:
