@@ -337,10 +337,17 @@ def commands_for(scenario: str, meta: dict) -> list[str]:
     elif scenario == "startup":
         lines += [
             ".venv/bin/python -m benchmarks.peers.driver --tool obanpro --scenario startup --processes 2",
-            "# whole-process view of a running node (peak RSS of the largest process; stop it with SIGTERM):",
+            "# whole-process view of a running node (peak RSS of the largest process); stop it with",
+            "# `kill -TERM <pid>` on obanpro's supervisor, the child of time (a signal to time itself ends only time):",
+            "DSN=postgresql://postgres@127.0.0.1:5432/bench_obanpro",
             "/usr/bin/time -v .venv/bin/obanpro start --dsn $DSN --import benchmarks.peers.obanpro_jobs -q default:20 -p 2",
         ]
-    elif scenario == "hotpath":
+    if scenario in ("cpu", "noop", "insert", "latency", "mixed", "startup"):
+        lines += [
+            "# the same drivers under pytest-benchmark (figures in extra_info; BENCH_TOOLS picks the tools)",
+            f"BENCH_TOOLS=obanpro,oban .venv/bin/python -m pytest benchmarks/bench_scenarios.py -k {scenario}",
+        ]
+    if scenario == "hotpath":
         lines = [
             f"python -m benchmarks.compare --scenario hotpath{runs_flag}",
             ".venv/bin/python -m pytest benchmarks/bench_hotpath.py --benchmark-columns=median,min,max",
