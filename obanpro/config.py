@@ -127,6 +127,7 @@ class Config:
     pruner: dict[str, Any] = field(default_factory=dict)
     refresher: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] = field(default_factory=dict)
+    vacuum_watch: dict[str, Any] = field(default_factory=dict)
     leadership: bool | None = None
     source: str | None = None
 
@@ -165,7 +166,7 @@ class Config:
 
         try:
             check_options({"stager": self.stager, "scheduler": self.scheduler, "pruner": self.pruner,
-                           "lifeline": self.lifeline, "refresher": self.refresher})
+                           "lifeline": self.lifeline, "refresher": self.refresher, "vacuum_watch": self.vacuum_watch})
         except ValueError as error:
             raise ConfigError(str(error)) from None
 

@@ -131,6 +131,7 @@ class Duties:
                 "pruner": config.pruner,
                 "refresher": config.refresher,
                 "scheduler": config.scheduler,
+                "vacuum_watch": config.vacuum_watch,
             },
             leadership=config.leadership is not False,
         )

@@ -25,6 +25,7 @@ from .refresher import Refresher
 from .scheduler import Scheduler
 from .signals import SignalListener
 from .stager import Stager
+from .vacuum_watch import VacuumWatch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ _SERVICE_CLASSES = {
     "pruner": Pruner,
     "lifeline": Lifeline,
     "refresher": Refresher,
+    "vacuum_watch": VacuumWatch,
 }
 
 
@@ -60,7 +62,7 @@ class NodeContext:
     request_queue: Callable[[dict[str, Any]], None]
     """Asks the owner of the table's shape to add a queue: ``{"queue", "limit", "paused"}``."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-service settings from the config: stager, lifeline, pruner, refresher, scheduler."""
+    """Per-service settings from the config: stager, lifeline, pruner, refresher, scheduler, vacuum_watch."""
     leadership: bool = True
 
     def running_queues(self) -> list[str]:
@@ -75,7 +77,7 @@ class NodeContext:
 
 
 def check_options(options: Mapping[str, Any]) -> None:
-    """Check the settings tables of the node services (stager, scheduler, pruner, lifeline, refresher).
+    """Check the settings tables of the node services (stager, scheduler, pruner, lifeline, refresher, vacuum_watch).
 
     Raises:
         ValueError: naming the table, the setting and the problem, so a bad
@@ -87,6 +89,7 @@ def check_options(options: Mapping[str, Any]) -> None:
         "pruner": lambda values: Pruner(None, "public", leader=None, **values),
         "lifeline": lambda values: Lifeline(None, "public", leader=None, **values),
         "refresher": lambda values: Refresher(None, "public", name="Oban", node="node", table=None, leader=None, **values),
+        "vacuum_watch": lambda values: VacuumWatch(None, "public", leader=None, **values),
     }
 
     for name, values in options.items():
@@ -145,6 +148,7 @@ class NodeServices:
                 leader=self.leader,
                 **options.get("refresher", {}),
             ),
+            VacuumWatch(context.pool, context.prefix, leader=self.leader, **options.get("vacuum_watch", {})),
         ]
 
         for service in self.services:

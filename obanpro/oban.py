@@ -43,7 +43,7 @@ class Oban:
         prefix: schema of the Oban tables.
         import_roots: packages from which unknown worker names may be imported.
         grace_period: seconds `stop` waits for running jobs.
-        stager, lifeline, pruner, refresher, scheduler: settings of the node services,
+        stager, lifeline, pruner, refresher, scheduler, vacuum_watch: settings of the node services,
             as in oban-py (for example ``stager={"interval": 1.0, "limit": 20_000}``).
         leadership: whether this instance may become leader; by default when it has queues.
         pool_min_size, pool_max_size: size of the pool opened from ``dsn``.
@@ -70,6 +70,7 @@ class Oban:
         pruner: Mapping[str, Any] | None = None,
         refresher: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        vacuum_watch: Mapping[str, Any] | None = None,
         leadership: bool | None = None,
         pool_min_size: int = 1,
         pool_max_size: int = 10,
@@ -99,6 +100,7 @@ class Oban:
             "pruner": dict(pruner or {}),
             "refresher": dict(refresher or {}),
             "scheduler": dict(scheduler or {}),
+            "vacuum_watch": dict(vacuum_watch or {}),
         }
         self._leadership = bool(self.queues) if leadership is None else leadership
         check_options(self._service_options)

@@ -132,7 +132,7 @@ class Producer:
             if len(jobs) < len(entries):
                 return
 
-    def _wanted(self, held: int) -> int:
+    def _demand_for(self, held: int) -> int:
         """Return how many more slots this process should hold when it holds ``held``."""
         runtime = self.runtime
         limit = runtime.slots.limit(self.queue_index)
@@ -153,7 +153,7 @@ class Producer:
         if slots.queue_state(self.queue_index) != _core.QUEUE_RUNNING:
             return 0
 
-        return max(0, min(freed, self._wanted(self.held - freed)))
+        return max(0, min(freed, self._demand_for(self.held - freed)))
 
     def expect_orphans(self) -> None:
         """Look for rows this producer fetched but never received, before its next fetch."""
@@ -163,7 +163,7 @@ class Producer:
     def _demand(self) -> int:
         runtime = self.runtime
         limit = runtime.slots.limit(self.queue_index)
-        demand = self._wanted(self.held)
+        demand = self._demand_for(self.held)
 
         self.limited = demand <= 0 and self.held < limit
         if self.limited and runtime.slots.counts(self.queue_index)[0] > 0:
