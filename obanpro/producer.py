@@ -6,12 +6,14 @@ without a coordinator. It wakes on the insert notification, when a slot frees
 up, when a sibling process asks, and on a one-second poll, so a lost
 notification costs at most that second.
 
-Work spreading: a process may always hold its share of the queue's limit
-(the limit divided by the live worker processes). It takes more only once a
-CPU sample taken after its last take shows it is not saturated, so a process
-busy with CPU-bound sync jobs leaves the rest of the slots, and the rows they
-would mark executing, to its idle siblings, while a process running I/O-bound
-async jobs can still fill the whole limit.
+Work spreading: a process may hold its share of the queue's limit (the limit
+divided by the worker processes). It takes more only once a CPU sample taken
+after its last take shows it is not saturated, so a process busy with
+CPU-bound sync jobs leaves the rest of the slots, and the rows they would mark
+executing, to its idle siblings, while a process running I/O-bound async jobs
+can still fill the whole limit. A saturated process that runs sync jobs of the
+queue keeps only `SATURATED_SYNC_JOBS` of them: more threads would only share
+one GIL, and fewer held jobs leave less work stranded in one process at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
+SATURATED_SYNC_JOBS = 2
+"""Sync jobs of a queue a CPU-saturated process keeps running: one on the CPU and
+one ready, so the thread never waits for a fetch."""
+SATURATION_MEMORY = 1.0
+"""Seconds the cap on sync jobs lasts after the last sample that found them saturating
+the process, so it holds between one batch of jobs and the next."""
 
 
 class Producer:
@@ -45,6 +53,9 @@ class Producer:
         self.uuid = uuid.uuid5(runtime.uuid, queue)
         self.attempted_by = [runtime.node, str(self.uuid)]
         self.held = 0
+        self.running_sync = 0
+        self.saturated_at = -SATURATION_MEMORY
+        """When a CPU sample last found the process saturated while this queue's sync jobs ran."""
         self.limited = False
         self.last_take_ns = 0
         self._fetch_sql = queries.load("fetch_jobs", runtime.prefix)
@@ -142,6 +153,11 @@ class Producer:
         # its share, after its last take, that found the process unsaturated.
         if held >= share and runtime.cpu_idle_since(self.last_take_ns):
             return limit - held
+
+        # A process that this queue's sync jobs saturated gains nothing from more
+        # threads on one GIL: it keeps a few, and its siblings take the rest.
+        if time.monotonic() - self.saturated_at < SATURATION_MEMORY:
+            return min(share - held, SATURATED_SYNC_JOBS - self.running_sync)
 
         return share - held
 

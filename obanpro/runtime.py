@@ -45,6 +45,11 @@ CPU_BUSY_FRACTION = 0.6
 """Share of one core above which a process counts as saturated with CPU work (an estimate:
 a CPU-bound process measured 0.6 to 1.0 here, with PostgreSQL on the same cores)."""
 
+LOOP_LAG_BUSY = 0.002
+"""Seconds the monitor may wake late before the process counts as saturated; an idle
+loop wakes within about 0.1 ms, one behind CPU-bound job threads waits up to the
+interpreter's 5 ms switch interval for the GIL (measured here)."""
+
 _PAGE_SIZE = resource.getpagesize()
 
 
@@ -255,7 +260,13 @@ class Runtime:
         self._running[entry] = (task, job, producer)
 
     async def _run(self, producer: Producer, job: Job, entry: int) -> None:
-        action = await self._executor.run(job, entry)
+        cls = lookup(job.worker)
+        sync = cls is not None and not cls.__obanpro_async__
+        producer.running_sync += sync
+        try:
+            action = await self._executor.run(job, entry)
+        finally:
+            producer.running_sync -= sync
         self._acker.add(action)
 
     def _record_deadline(self, entry: int, timeout: float) -> None:
@@ -334,6 +345,11 @@ class Runtime:
     def live_workers(self) -> int:
         return self._live_workers
 
+    @property
+    def cpu_busy(self) -> bool:
+        """True when the last CPU sample found the process saturated."""
+        return self._cpu_busy
+
     def cpu_idle_since(self, since_ns: int) -> bool:
         """Return True when the last CPU sample began after ``since_ns`` and found the process unsaturated."""
         return not self._cpu_busy and self._sample_start_ns >= since_ns
@@ -387,13 +403,18 @@ class Runtime:
 
             now, now_cpu = time.monotonic(), time.process_time()
             was_busy = self._cpu_busy
-            self._cpu_busy = (now_cpu - cpu) / max(now - wall, 1e-6) > CPU_BUSY_FRACTION
+            # Saturated: the process used most of a core, or the loop waited for
+            # the CPU or the GIL after its sleep, as it does behind busy job threads
+            # or on a machine with more runnable processes than cores.
+            lag = now - wall - MONITOR_INTERVAL
+            self._cpu_busy = (now_cpu - cpu) / max(now - wall, 1e-6) > CPU_BUSY_FRACTION or lag > LOOP_LAG_BUSY
             wall, cpu = now, now_cpu
 
-            if not self._cpu_busy:
-                for producer in self._producers.values():
-                    if producer.limited or was_busy:
-                        producer.wake()
+            for producer in self._producers.values():
+                if self._cpu_busy and producer.running_sync:
+                    producer.saturated_at = now
+                elif not self._cpu_busy and (producer.limited or was_busy):
+                    producer.wake()
 
             self._check_cancels()
             self._refresh_live_workers()
