@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -208,14 +209,28 @@ def _with_database(config: config_module.Config, data_dir: str | None, action: C
 
 
 def _import_modules(modules: list[str]) -> None:
+    # The working directory goes last, so an installed package keeps precedence
+    # over a directory of the same name (such as obanpro's own source tree).
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
 
-    for module in modules:
+    for module in (name.strip() for entry in modules for name in entry.split(",")):
+        if not module:
+            continue
         try:
             importlib.import_module(module)
         except Exception as error:  # noqa: BLE001 - any failure in user code stops the start
-            _fail(f"cannot import worker module {module!r}: {error!r}")
+            _fail(f"cannot import worker module {module!r}: {error!r}{_where(error)}")
+
+
+def _where(error: BaseException) -> str:
+    """Return ' at <file>, line <n>' for the innermost frame of ``error``, or ''."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if isinstance(error, SyntaxError) and error.filename:
+        return f" at {error.filename}, line {error.lineno}"
+    if not frames:
+        return ""
+    return f" at {frames[-1].filename}, line {frames[-1].lineno}"
 
 
 def _print_plan(config: config_module.Config) -> None:

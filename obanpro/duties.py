@@ -17,14 +17,19 @@ import sys
 import uuid
 from typing import Any
 
+import asyncpg
+
 from . import _core, process
 from .config import Config
 from .db import CONNECTION_ERRORS, Backoff, create_pool, recover
 from .process import EXIT_CRASHED, EXIT_OK
-from .rescue import producer_uuids, rescue_jobs
+from .rescue import producer_uuids, rescue_jobs, rescue_node_orphans
 from .node import NodeContext, NodeServices
 
 log = logging.getLogger(__name__)
+
+PREVIOUS_RUN_PASSES = (0.0, 5.0)
+"""Seconds before each pass that rescues what a killed previous run of the node left executing."""
 
 
 def run_duties(
@@ -92,13 +97,15 @@ class Duties:
         services = NodeServices(self._context())
         await services.start()
         rescuer = asyncio.create_task(self._rescue_loop(), name="obanpro-rescuer")
+        previous_run = asyncio.create_task(self._rescue_previous_run(), name="obanpro-previous-run")
 
         await stop.wait()
 
         loop.remove_reader(self._requests_fd)
         await services.stop()
         rescuer.cancel()
-        await asyncio.gather(rescuer, return_exceptions=True)
+        previous_run.cancel()
+        await asyncio.gather(rescuer, previous_run, return_exceptions=True)
         await self.pool.close()
         return EXIT_OK
 
@@ -143,6 +150,24 @@ class Duties:
                 os.write(fd, b"w")
             except OSError:
                 pass
+
+    async def _rescue_previous_run(self) -> None:
+        """Rescue the jobs a killed previous run of this node left executing, now and once more shortly after.
+
+        The second pass catches jobs that the first skipped as too recent.
+        """
+        max_age = float(self.config.refresher.get("max_age", 60.0))
+        for delay in PREVIOUS_RUN_PASSES:
+            await asyncio.sleep(delay)
+            live = [
+                producer
+                for index in range(self.table.max_workers)
+                for producer in producer_uuids(uuid.UUID(bytes=self.table.worker(index)["uuid"]), self.table.queues())
+            ]
+            try:
+                await rescue_node_orphans(self.pool, self.config.prefix, self.config.node, live, max_age)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+                log.warning("rescuing the jobs of a previous run of node %s failed: %r", self.config.node, error)
 
     # Supervisor requests
 

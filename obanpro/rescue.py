@@ -6,6 +6,8 @@ left ``executing`` are exactly the rows with one of its uuids, including any
 whose fetch committed just before the process died. They get an error entry
 that says how the process died and follow the retry rules, with the worker's
 own ``backoff`` when it has one, without waiting for the time-based lifeline.
+When the process was killed because one job overran its timeout, the other
+jobs it ran lose no attempt: they become available again at once.
 """
 
 from __future__ import annotations
@@ -45,15 +47,35 @@ async def rescue_jobs(
     """
     timed_out = timed_out or {}
 
+    return await _rescue(pool, prefix, queries.load("lock_rescuable", prefix), (uuids,), cause, timed_out)
+
+
+async def rescue_node_orphans(
+    pool: asyncpg.Pool, prefix: str, node: str, live_uuids: list[str], producer_max_age: float
+) -> list[tuple[int, str]]:
+    """Rescue the executing jobs a previous run of ``node`` left when it was killed.
+
+    The jobs of processes that are not this run's (``live_uuids``) and have no
+    fresh producer row become retryable or discarded, without waiting for the
+    lifeline's ``rescue_after``.
+    """
+    cause = f"a previous run of node {node} stopped without storing this job's result"
+    sql = queries.load("lock_node_orphans", prefix)
+    return await _rescue(pool, prefix, sql, (node, live_uuids, producer_max_age), cause, {})
+
+
+async def _rescue(
+    pool: asyncpg.Pool, prefix: str, lock_sql: str, arguments: tuple, cause: str, timed_out: Mapping[int, float]
+) -> list[tuple[int, str]]:
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(queries.load("lock_rescuable", prefix), uuids)
+        rows = await conn.fetch(lock_sql, *arguments)
         actions = [_action(row, cause, timed_out) for row in rows]
         if actions:
             await conn.fetch(queries.load("ack_jobs", prefix), *ack_columns(actions))
 
     rescued = [(action.job.id, action.state) for action in actions]
     if rescued:
-        log.warning("rescued %d jobs of a dead worker (%s): %s", len(rescued), cause, rescued)
+        log.warning("rescued the jobs of a dead worker (%s): %s", cause, ", ".join(f"{job_id} {state}" for job_id, state in rescued))
     return rescued
 
 
@@ -77,11 +99,16 @@ def _action(row: asyncpg.Record, cause: str, timed_out: Mapping[int, float]) -> 
     job.extra = {}
     job._cancel_check = None
 
-    message = timeout_message(timed_out[job.id]) if job.id in timed_out else cause
     rescued = int(job.meta.get("rescued", 0) or 0) + 1 if isinstance(job.meta, dict) else 1
     meta = {"rescued": rescued}
-    error = error_entry(job, message)
 
+    if timed_out and job.id not in timed_out:
+        # The process died for another job's timeout, so this attempt was no
+        # fault of this job: it runs again at once without losing the attempt.
+        error = error_entry(job, f"{cause}; interrupted, so this attempt does not count")
+        return AckAction(job, -1, "available", attempt_change=-1, schedule_in=0.0, error=error, meta=meta)
+
+    error = error_entry(job, timeout_message(timed_out[job.id]) if job.id in timed_out else cause)
     if job.attempt >= job.max_attempts:
         return AckAction(job, -1, "discarded", error=error, meta=meta)
 

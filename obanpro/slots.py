@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import secrets
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +151,23 @@ def in_use(name: str) -> bool:
     return False
 
 
-def remove_stale() -> list[str]:
-    """Unlink this user's segments that no running node holds; return their names."""
+@dataclass
+class StaleSegment:
+    """What a removed segment said about the node that left it."""
+
+    name: str
+    supervisor_pid: int | None
+    node: str
+    worker_uuids: list[uuid.UUID]
+    queues: list[str]
+
+
+def remove_stale() -> list[StaleSegment]:
+    """Unlink this user's segments that no running node holds; return what they recorded.
+
+    The worker uuids let the caller rescue the jobs those processes left
+    executing when the whole node was killed.
+    """
     removed = []
 
     for name in segment_names():
@@ -159,15 +175,33 @@ def remove_stale() -> list[str]:
         if pid == os.getpid() or in_use(name):
             continue
 
+        stale = _describe(name, pid)
         try:
             posix_ipc.unlink_shared_memory(name)
         except posix_ipc.ExistentialError:
             continue
 
         log.warning("removed slot table %s left by supervisor pid %s, which is no longer running", name, pid)
-        removed.append(name)
+        removed.append(stale)
 
     return removed
+
+
+def _describe(name: str, pid: int | None) -> StaleSegment:
+    try:
+        segment = attach(name, writable=False)
+    except (posix_ipc.Error, ValueError, OSError):
+        return StaleSegment(name, pid, "", [], [])
+
+    table = segment.table
+    uuids = [
+        uuid.UUID(bytes=table.worker(index)["uuid"])
+        for index in range(table.max_workers)
+        if any(table.worker(index)["uuid"])
+    ]
+    stale = StaleSegment(name, pid, table.node, uuids, list(table.queues()))
+    segment.close()
+    return stale
 
 
 def live_segments() -> list[Segment]:

@@ -43,6 +43,8 @@ HARD_TIMEOUT_GRACE = 1.0
 KILL_MARGIN = 5.0
 """Seconds past the grace period, for storing the last acks, before stopping workers are killed."""
 RESPAWN_MAX_DELAY = 10.0
+FINAL_RESCUE_TIMEOUT = 2.0
+"""Seconds the supervisor spends rescuing jobs itself, at start for killed nodes and at exit."""
 SEGMENT_CHECK_INTERVAL = 5.0
 STABLE_AFTER = 5.0
 """A worker that ran this long resets its respawn backoff."""
@@ -128,7 +130,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Create the slot table, start every process, supervise until stopped; return the exit code."""
-        slots.remove_stale()
+        self._rescue_stale(slots.remove_stale())
         self.segment = slots.create(self.config.node, self.config.queues, self.config.processes)
         signal_read, signal_write = _nonblocking_pipe()
         self._signal_read, self._signal_write = signal_read, signal_write
@@ -158,6 +160,7 @@ class Supervisor:
                 self._check_segment()
         finally:
             self._kill_all()
+            self._rescue_remaining()
             self._restore_signals(previous)
             for fd in (signal_read, signal_write, self._to_duties, self._from_duties, *sum(self._wake_pipes, ())):
                 _close(fd)
@@ -277,6 +280,69 @@ class Supervisor:
         deadline = time.monotonic() + 5
         while any(child.pid for child in (*self._workers, self._duties)) and time.monotonic() < deadline:
             self._reap(block=True)
+
+    def _rescue_stale(self, stale: list[slots.StaleSegment]) -> None:
+        """Rescue the jobs of nodes killed on this host, whose segments were left behind.
+
+        Runs before the first fork, and its loop closes before it returns.
+        """
+        requests = [
+            {
+                "uuid": worker_uuid.hex,
+                "cause": f"node {segment.node} was killed with its supervisor (pid {segment.supervisor_pid}) "
+                "before this job's result was stored",
+                "timed_out": {},
+                "queues": segment.queues,
+            }
+            for segment in stale
+            for worker_uuid in segment.worker_uuids
+        ]
+        if not requests:
+            return
+
+        try:
+            asyncio.run(asyncio.wait_for(self._store_rescues(requests), FINAL_RESCUE_TIMEOUT))
+        except Exception as error:  # noqa: BLE001 - the lifeline rescues these jobs later
+            log.error("could not rescue the jobs of killed nodes on this host (%r); a lifeline will", error)
+
+    def _rescue_remaining(self) -> None:
+        """Store the rescues the duties process did not confirm, from here, before the node exits.
+
+        After a forced stop, or when the duties process died first, the jobs of
+        killed workers would otherwise stay executing until a lifeline rescues
+        them minutes later. No process is forked after this point, so a loop and
+        a connection in the supervisor are safe.
+        """
+        if not self._rescues:
+            return
+
+        requests = list(self._rescues.values())
+        log.warning("storing the rescue of %d worker processes' jobs before node %s exits", len(requests), self.config.node)
+        try:
+            asyncio.run(asyncio.wait_for(self._store_rescues(requests), FINAL_RESCUE_TIMEOUT))
+        except Exception as error:  # noqa: BLE001 - the node exits either way; the lifeline is the fallback
+            log.error(
+                "could not rescue the jobs of stopped workers of node %s (%r); a lifeline makes them available after "
+                "its rescue_after, or the next start of this node does",
+                self.config.node,
+                error,
+            )
+            return
+        self._rescues.clear()
+
+    async def _store_rescues(self, requests: list[dict[str, Any]]) -> None:
+        from .db import create_pool
+        from .rescue import producer_uuids, rescue_jobs
+
+        pool = await create_pool(self.dsn, min_size=1, max_size=1, internal=True, application_name=f"obanpro {self.config.node} supervisor")
+        try:
+            for request in requests:
+                queues = request.get("queues") or list(self.segment.table.queues())
+                uuids = producer_uuids(uuid.UUID(hex=request["uuid"]), queues)
+                timed_out = {int(job_id): timeout for job_id, timeout in request["timed_out"].items()}
+                await rescue_jobs(pool, self.config.prefix, uuids, request["cause"], timed_out)
+        finally:
+            await pool.close()
 
     # Children
 
@@ -473,7 +539,8 @@ class Supervisor:
         if timed_out:
             hint = f" because job {', '.join(map(str, timed_out))} ran past its timeout"
 
-        log.error("worker process %s (pid %s) %s%s; its running jobs %s will be retried", child.index, pid, cause, hint, jobs)
+        running = f"; rescuing its jobs {', '.join(map(str, jobs))}" if jobs else ""
+        log.error("worker process %s (pid %s) %s%s%s", child.index, pid, cause, hint, running)
 
     def _respawn_due(self) -> None:
         if self._shutdown_at is not None:

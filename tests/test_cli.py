@@ -143,12 +143,16 @@ async def test_second_interrupt_exits_at_once(start_node, oban: Oban, conn: asyn
     await workers.Sleep.enqueue({"seconds": 60})
     await wait_for(lambda: _count(conn, prefix, "executing", 1), timeout=30)
 
+    job_id = await conn.fetchval(f"SELECT id FROM {prefix}.oban_jobs")
     node.signal(signal.SIGINT)
     await wait_for(lambda: "stopping intake" in node.output(), timeout=10)
     node.signal(signal.SIGINT)
 
     assert node.wait(10) != 0
     assert "second interrupt" in node.output()
+    row = await conn.fetchrow(f"SELECT state::text, errors FROM {prefix}.oban_jobs WHERE id = $1", job_id)
+    assert row["state"] == "retryable"
+    assert "was killed by SIGKILL" in json.loads(row["errors"])[-1]["error"]
 
 
 async def _count(conn: asyncpg.Connection, prefix: str, state: str, expected: int) -> bool:

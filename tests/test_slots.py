@@ -185,9 +185,12 @@ def test_stale_segment_is_removed() -> None:
     os.unlink(marker)
     assert name in slots.segment_names()
 
-    removed = slots.remove_stale()
+    removed = {segment.name: segment for segment in slots.remove_stale()}
 
     assert name in removed
+    assert removed[name].node == "dead-node"
+    assert removed[name].supervisor_pid == pid
+    assert sorted(removed[name].queues) == ["default", "other"]
     assert name not in slots.segment_names()
 
 

@@ -181,6 +181,31 @@ def _alive(pid: int) -> bool:
     return status.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+async def test_next_start_rescues_killed_node_jobs(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    node = start_node("start", "--import", "tests.workers", "-q", "default:3", "-p", "2")
+    jobs = await oban.enqueue_many([workers.Sleep.new({"seconds": 60}) for _ in range(3)])
+    await wait_for(lambda: _executing_count(conn, prefix), timeout=20)
+    await wait_for(lambda: _all_executing(conn, prefix, 3), timeout=20)
+
+    node.kill()
+    second = start_node("start", "--import", "tests.workers", "-q", "default:3", "-p", "1")
+
+    async def rescued() -> list[asyncpg.Record] | None:
+        rows = await conn.fetch(
+            f"SELECT state::text, errors FROM {prefix}.oban_jobs WHERE id = ANY($1::bigint[])", [job.id for job in jobs]
+        )
+        return rows if all(json.loads(row["errors"]) for row in rows) else None
+
+    rows = await wait_for(rescued, timeout=20)
+    for row in rows:
+        assert "was killed with its supervisor" in json.loads(row["errors"])[-1]["error"]
+    second.stop()
+
+
+async def _all_executing(conn: asyncpg.Connection, prefix: str, expected: int) -> bool:
+    return await _executing_count(conn, prefix) == expected
+
+
 async def test_failing_setup_stops_node(start_node) -> None:
     node = start_node("start", "--import", "tests.workers", "-q", "default:2", "-p", "2", "--setup", "tests.workers.failing_setup")
 
@@ -302,14 +327,18 @@ async def test_hard_timeout_kills_and_replaces_worker(start_node, oban: Oban, co
     neighbour = await workers.Sleep.enqueue({"seconds": 60})
 
     async def rescued() -> dict[int, asyncpg.Record] | None:
-        rows = await conn.fetch(f"SELECT id, state::text, errors FROM {prefix}.oban_jobs")
+        rows = await conn.fetch(f"SELECT id, state::text, attempt, errors FROM {prefix}.oban_jobs")
         by_id = {row["id"]: row for row in rows}
-        return by_id if all(row["state"] == "retryable" for row in rows) else None
+        done = by_id[spin.id]["state"] == "retryable" and json.loads(by_id[neighbour.id]["errors"])
+        return by_id if done else None
 
     rows = await wait_for(rescued, timeout=30)
     assert json.loads(rows[spin.id]["errors"])[-1]["error"] == "timed out after 0.5 s"
     neighbour_error = json.loads(rows[neighbour.id]["errors"])[-1]["error"]
     assert f"worker process {first_pid} was killed by SIGKILL after job {spin.id} timed out" in neighbour_error
+    assert "this attempt does not count" in neighbour_error
+    # The neighbour lost no attempt: it is available again, or already running its first attempt anew.
+    assert rows[neighbour.id]["attempt"] <= 1
     new_pid = (await _workers(segment, 1))[0]
     assert new_pid != first_pid
     node.stop()

@@ -20,7 +20,9 @@ from pathlib import Path
 import asyncpg
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+# Appended, not prepended: the installed obanpro, with its compiled extension,
+# must win over the source tree of this repository.
+sys.path.append(str(ROOT))
 
 from examples.sha256.workers import Digest  # noqa: E402
 from obanpro import Oban, erlang_term, schema  # noqa: E402
@@ -68,8 +70,10 @@ def main() -> None:
         print(f"enqueued {options.jobs} jobs of {Digest.__name__}; starting obanpro with {options.processes} processes")
 
         started = time.monotonic()
+        # The console script, not `python -m obanpro`: -m would put this
+        # directory, the uncompiled source tree, first on the module path.
         node = subprocess.Popen(
-            [sys.executable, "-m", "obanpro", "start", "--import", "examples.sha256.workers",
+            [str(Path(sys.executable).with_name("obanpro")), "start", "--import", "examples.sha256.workers",
              "--queues", "default:20", "--processes", str(options.processes), "--log-level", "WARNING"],
             cwd=ROOT,
             env={**os.environ, "OBAN_DSN": dsn, "OBAN_PREFIX": PREFIX},
