@@ -134,7 +134,7 @@ def start(config_path: str | None, data_dir: str | None, dry_run: bool, **flags:
     dsn, server = _resolve(config, data_dir)
     try:
         _preflight(dsn, config.prefix)
-        code = Supervisor(config, dsn).run()
+        code = Supervisor(config, dsn, server).run()
     finally:
         if server is not None:
             server.stop()

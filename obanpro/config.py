@@ -20,6 +20,8 @@ from typing import Any
 from .job import MAX_NAME_LENGTH
 
 CONFIG_FILES = ("obanpro.toml", "oban.toml")
+MAX_LIMIT = 100_000
+"""Largest queue limit: a queue reserves four slots of 64 bytes per unit of limit in shared memory."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 
@@ -51,7 +53,10 @@ def parse_queues(spec: Mapping[str, Any] | str) -> dict[str, dict[str, Any]]:
             options = {"limit": value}
 
         options["limit"] = _check_limit(options["limit"], f"{name}:{options['limit']}")
-        options["paused"] = bool(options.get("paused", False))
+        paused = options.get("paused", False)
+        if not isinstance(paused, bool):
+            raise ConfigError(f"invalid paused {paused!r} for queue {name!r}: expected true or false")
+        options["paused"] = paused
         queues[name] = options
 
     return queues
@@ -95,6 +100,12 @@ def _check_limit(value: Any, shown: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"invalid queue spec {shown!r}: the limit must be a positive integer, as in 'default:20'")
 
+    if value > MAX_LIMIT:
+        raise ConfigError(
+            f"invalid queue spec {shown!r}: the limit is at most {MAX_LIMIT:,} jobs at once per node "
+            "(each slot takes shared memory); run more nodes for more"
+        )
+
     return value
 
 
@@ -135,6 +146,18 @@ class Config:
         """Check every setting; raise ConfigError naming the first bad one."""
         from .queries import check_prefix
 
+        for name in ("dsn", "setup", "teardown"):
+            _require_text(name, getattr(self, name), optional=True)
+        for name in ("name", "node", "prefix", "log_level", "log_format"):
+            _require_text(name, getattr(self, name))
+        if not isinstance(self.imports, list) or not all(isinstance(module, str) for module in self.imports):
+            raise ConfigError(f"invalid imports {self.imports!r}: expected a list of module names, as in [\"app.workers\"]")
+        for name in ("stager", "lifeline", "pruner", "refresher", "scheduler", "vacuum_watch"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"invalid {name} {getattr(self, name)!r}: expected a table, as in [{name}]")
+        if self.leadership is not None and not isinstance(self.leadership, bool):
+            raise ConfigError(f"invalid leadership {self.leadership!r}: expected true or false")
+
         try:
             check_prefix(self.prefix)
         except ValueError as error:
@@ -159,8 +182,8 @@ class Config:
             raise ConfigError(f"invalid log_level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"invalid log_format {self.log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
-        if not self.node or len(self.node) > 255:
-            raise ConfigError(f"invalid node {self.node!r}: expected a non-empty name")
+        if not self.node.strip() or len(self.node) > 255:
+            raise ConfigError(f"invalid node {self.node[:60]!r}: expected a name of 1 to 255 characters")
 
         from .node import check_options
 
@@ -288,6 +311,13 @@ def _from_text(key: str, raw: str, variable: str) -> Any:
             raise ConfigError(f"invalid {variable}={raw!r}: expected seconds as a number") from None
 
     return raw
+
+
+def _require_text(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"invalid {name} {value!r}: expected a string")
 
 
 def _require_int(name: str, value: Any, low: int, high: int | None) -> None:

@@ -217,9 +217,13 @@ def _report(action: str, result: dict[str, Any] | None, as_json: bool) -> None:
     elif action == "retry":
         click.echo(f"retried {len(result['retried'])} jobs")
     else:
-        click.echo(f"cancelled {result['cancelled']} jobs")
+        waiting = result["cancelled"] - len(result["signalled"])
+        click.echo(f"cancelled {waiting} {'job' if waiting == 1 else 'jobs'} that had not started")
         if result["signalled"]:
-            click.echo(f"asked the nodes running jobs {_short(result['signalled'])} to stop them")
+            click.echo(
+                f"asked the nodes running jobs {_short(result['signalled'])} to stop them: async jobs stop at once, "
+                "sync jobs only where their code checks job.cancelled(), and otherwise run to the end"
+            )
 
 
 def _short(ids: Sequence[int]) -> str:

@@ -46,6 +46,7 @@ RESPAWN_MAX_DELAY = 10.0
 FINAL_RESCUE_TIMEOUT = 2.0
 """Seconds the supervisor spends rescuing jobs itself, at start for killed nodes and at exit."""
 SEGMENT_CHECK_INTERVAL = 5.0
+EMBEDDED_CHECK_INTERVAL = 1.0
 STABLE_AFTER = 5.0
 """A worker that ran this long resets its respawn backoff."""
 
@@ -103,9 +104,12 @@ class Child:
 class Supervisor:
     """Runs one node: ``Supervisor(config, dsn).run()`` blocks until the node stops and returns the exit code."""
 
-    def __init__(self, config: Config, dsn: str) -> None:
+    def __init__(self, config: Config, dsn: str, embedded: Any = None) -> None:
         self.config = config
         self.dsn = dsn
+        self.embedded = embedded
+        """The embedded PostgreSQL the node uses, if any: the node restarts it when it stops."""
+        self._embedded_checked_at = 0.0
         self.segment: slots.Segment | None = None
         self.exit_code = EXIT_OK
         self._workers = [Child("worker", index) for index in range(config.processes)]
@@ -158,6 +162,7 @@ class Supervisor:
                 self._respawn_due()
                 self._advance_shutdown()
                 self._check_segment()
+                self._check_embedded()
         finally:
             self._kill_all()
             self._rescue_remaining()
@@ -554,6 +559,33 @@ class Supervisor:
             if not child.pid and now >= child.respawn_at:
                 self._spawn_worker(child)
 
+    def _check_embedded(self) -> None:
+        """Restart the embedded PostgreSQL when it stopped under the node.
+
+        Its owner may be another process, such as a script that enqueued jobs
+        and exited; then this node starts it again and owns it from then on.
+        """
+        now = time.monotonic()
+        if self.embedded is None or self._shutdown_at is not None or now < self._embedded_checked_at + EMBEDDED_CHECK_INTERVAL:
+            return
+
+        self._embedded_checked_at = now
+        before = self.embedded.postmaster_pid
+        try:
+            self.embedded.ensure_running()
+        except Exception as error:  # noqa: BLE001 - the node keeps running and tries again
+            log.error("the embedded PostgreSQL of node %s is down and could not be started: %s", self.config.node, error)
+            return
+
+        if self.embedded.postmaster_pid != before:
+            log.warning(
+                "the embedded PostgreSQL had stopped (postmaster pid %s); node %s started it again as pid %s and "
+                "now owns it",
+                before,
+                self.config.node,
+                self.embedded.postmaster_pid,
+            )
+
     def _check_segment(self) -> None:
         now = time.monotonic()
         if self._segment_missing or now < self._segment_checked_at + SEGMENT_CHECK_INTERVAL:
@@ -691,7 +723,7 @@ def run(
 
     try:
         preflight(resolved, config.prefix)
-        return Supervisor(config, resolved).run()
+        return Supervisor(config, resolved, server).run()
     finally:
         if server is not None:
             server.stop()

@@ -106,3 +106,30 @@ def test_broken_toml_is_reported(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="invalid TOML in"):
         load(environ={}, cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("log_level = 5\n", "invalid log_level 5: expected a string"),
+        ("node = 5\n", "invalid node 5: expected a string"),
+        ("dsn = 5\n", "invalid dsn 5: expected a string"),
+        ("setup = 5\n", "invalid setup 5: expected a string"),
+        ("imports = 5\n", "invalid imports 5: expected a list of module names"),
+        ("pruner = 5\n", "invalid pruner 5: expected a table"),
+        ('[queues.default]\nlimit = 5\npaused = "no"\n', "invalid paused 'no' for queue 'default': expected true or false"),
+    ],
+)
+def test_wrong_file_types_are_named(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "obanpro.toml").write_text(text)
+
+    with pytest.raises(ConfigError) as raised:
+        load(environ={}, cwd=tmp_path)
+
+    assert message in str(raised.value)
+
+
+def test_huge_limit_is_rejected() -> None:
+    for spec in ("big:50000000", "default:99999999999"):
+        with pytest.raises(ConfigError, match="the limit is at most 100,000 jobs at once per node"):
+            parse_queues(spec)

@@ -161,7 +161,7 @@ async def test_cancel_by_queue(dsn: str, prefix: str, sample: dict[str, int], co
     result = jobs_cli(dsn, prefix, "cancel", "--queue", "default", "--yes")
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "cancelled 2 jobs"
+    assert result.stdout.strip() == "cancelled 2 jobs that had not started"
     assert await _state(conn, prefix, sample["available"]) == "cancelled"
     assert await _state(conn, prefix, sample["scheduled"]) == "cancelled"
     assert await _state(conn, prefix, sample["mail"]) == "available"

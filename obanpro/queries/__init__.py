@@ -17,8 +17,8 @@ def check_prefix(prefix: str) -> str:
     """Return ``prefix`` when it is a valid schema name, else raise ValueError."""
     if not isinstance(prefix, str) or not PREFIX_PATTERN.fullmatch(prefix):
         raise ValueError(
-            f"invalid prefix {prefix!r}: use a lower-case schema name of letters, digits "
-            "and underscores that starts with a letter or underscore, as in 'public'"
+            f"invalid prefix {prefix!r}: use a lower-case schema name of at most 63 letters, "
+            "digits and underscores that starts with a letter or underscore, as in 'public'"
         )
 
     return prefix
