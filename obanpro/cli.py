@@ -133,7 +133,7 @@ def start(config_path: str | None, data_dir: str | None, dry_run: bool, **flags:
 
     dsn, server = _resolve(config, data_dir)
     try:
-        _preflight(dsn, config.prefix)
+        _preflight(dsn, config.prefix, config)
         code = Supervisor(config, dsn, server).run()
     finally:
         if server is not None:
@@ -176,13 +176,13 @@ def _resolve(config: config_module.Config, data_dir: str | None) -> tuple[str, A
         _fail(str(error))
 
 
-def _preflight(dsn: str, prefix: str) -> None:
+def _preflight(dsn: str, prefix: str, config: config_module.Config) -> None:
     from .preflight import DatabaseUnavailableError
     from .schema import SchemaError
     from .supervisor import preflight
 
     try:
-        preflight(dsn, prefix)
+        preflight(dsn, prefix, config)
     except (DatabaseUnavailableError, SchemaError) as error:
         _fail(str(error))
 

@@ -31,6 +31,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RepeatFilter(logging.Filter):
+    """Passes at most `BURST` warnings per `WINDOW` seconds for each logger and message template.
+
+    A node that loses its database retries every loop at once and would log
+    the same warning hundreds of times; the first message after a quiet spell
+    says how many were held back.
+    """
+
+    BURST = 3
+    WINDOW = 60.0
+    MAX_KEYS = 1_000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._windows: dict[tuple[str, str], list[float | int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+
+        key = (record.name, str(record.msg))
+        window = self._windows.get(key)
+        if window is None or record.created - window[0] > self.WINDOW:
+            if len(self._windows) >= self.MAX_KEYS:
+                self._windows.clear()
+            held = window[2] if window else 0
+            window = self._windows[key] = [record.created, 0, held]
+
+        if window[1] >= self.BURST:
+            window[2] += 1
+            return False
+
+        window[1] += 1
+        if window[2] and isinstance(record.args, tuple):
+            record.msg = f"{record.msg} (%d similar messages held back)"
+            record.args = (*record.args, window[2])
+            window[2] = 0
+        return True
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
     """Send obanpro's logs, and the root logger's, to standard error at ``level``, job and loop events included.
 
@@ -39,6 +79,7 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RepeatFilter())
 
     root = logging.getLogger()
     for existing in list(root.handlers):

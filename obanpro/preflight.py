@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import asyncpg
@@ -10,6 +11,8 @@ import asyncpg
 from . import schema
 from .db import CONNECT_TIMEOUT
 from .dsn import describe_dsn
+
+log = logging.getLogger(__name__)
 
 
 class DatabaseUnavailableError(RuntimeError):
@@ -36,10 +39,34 @@ async def connect(dsn: str) -> asyncpg.Connection:
         raise DatabaseUnavailableError(f"invalid DSN for {where}: {error}") from None
 
 
-async def check(dsn: str, prefix: str) -> None:
-    """Raise DatabaseUnavailableError or schema.SchemaError when the node cannot run."""
+async def check(dsn: str, prefix: str, connections: int = 0) -> None:
+    """Raise DatabaseUnavailableError or schema.SchemaError when the node cannot run.
+
+    ``connections`` is how many connections the node will open; a warning is
+    logged when the server has fewer free, since processes that cannot connect
+    are restarted in a loop.
+    """
     conn = await connect(dsn)
     try:
         await schema.verify(conn, prefix)
+        if connections:
+            await _check_connection_room(conn, dsn, connections)
     finally:
         await conn.close()
+
+
+async def _check_connection_room(conn: asyncpg.Connection, dsn: str, needed: int) -> None:
+    limit = int(await conn.fetchval("SHOW max_connections"))
+    reserved = int(await conn.fetchval("SHOW superuser_reserved_connections"))
+    in_use = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+    free = limit - reserved - in_use
+    if needed > free:
+        log.warning(
+            "the node opens about %d connections but %s allows %d more (max_connections %d, %d in use): "
+            "lower --processes or raise max_connections",
+            needed,
+            describe_dsn(dsn),
+            max(free, 0),
+            limit,
+            in_use,
+        )

@@ -181,6 +181,10 @@ class Producer:
         limit = runtime.slots.limit(self.queue_index)
         demand = self._demand_for(self.held)
 
+        remaining = runtime.remaining_jobs()
+        if remaining is not None:
+            demand = min(demand, remaining)
+
         self.limited = demand <= 0 and self.held < limit
         if self.limited and runtime.slots.counts(self.queue_index)[0] > 0:
             runtime.wake_siblings()

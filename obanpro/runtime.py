@@ -273,6 +273,12 @@ class Runtime:
         job = self._running[entry][1]
         self.slots.set_job(entry, job.id, job.attempt, self.worker_index, timeout)
 
+    def remaining_jobs(self) -> int | None:
+        """Return how many more jobs this process may start before it recycles, or None without a limit."""
+        if not self._max_jobs:
+            return None
+        return max(0, self._max_jobs - self._jobs_run - len(self._running))
+
     def _plan_refill(self, batch: list[AckAction]) -> Refill | None:
         """Choose the producer whose freed slots the ack statement should fill again, if any wants them."""
         if self.draining or self.slots.stopping:
@@ -288,6 +294,9 @@ class Runtime:
 
         producer, entries = max(freed.items(), key=lambda item: len(item[1]))
         demand = producer.refill_demand(len(entries))
+        remaining = self.remaining_jobs()
+        if remaining is not None:
+            demand = min(demand, remaining)
         if demand <= 0:
             return None
 

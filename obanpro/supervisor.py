@@ -719,21 +719,33 @@ def run(
 
     flags = {"queues": queues, "processes": processes, "setup": setup, "teardown": teardown, **options}
     config = config_module.load(flags=flags)
+    if not logging.getLogger().handlers:
+        # A script that set up no logging still sees what the node does, as obanpro start shows it.
+        from .log import configure
+
+        configure(config.log_level, config.log_format)
+
     resolved, server = resolve_dsn(dsn or config.dsn)
 
     try:
-        preflight(resolved, config.prefix)
+        preflight(resolved, config.prefix, config)
         return Supervisor(config, resolved, server).run()
     finally:
         if server is not None:
             server.stop()
 
 
-def preflight(dsn: str, prefix: str) -> None:
+def preflight(dsn: str, prefix: str, config: Config | None = None) -> None:
     """Check that the database answers and holds the tables, before anything forks."""
     from .preflight import check
 
-    asyncio.run(check(dsn, prefix))
+    asyncio.run(check(dsn, prefix, connections_needed(config) if config else 0))
+
+
+def connections_needed(config: Config) -> int:
+    """Estimate the connections a node opens: per worker one fetch, up to two ack and one LISTEN
+    connection plus the job-code pool's minimum, and five for the duties process."""
+    return config.processes * (4 + config.pool_min_size) + 5
 
 
 def _loop_running() -> bool:

@@ -352,6 +352,7 @@ async def test_recycled_workers_lose_no_job(start_node, oban: Oban, conn: asyncp
     await wait_for(lambda: _all_completed(conn, prefix, 300), timeout=60)
 
     assert node.output().count("recycled after") >= 5
+    assert node.output().count("recycled after") == node.output().count("recycled after 40 jobs")
     assert await conn.fetchval(f"SELECT max(attempt) FROM {prefix}.oban_jobs") == 1
     node.stop()
 
