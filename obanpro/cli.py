@@ -69,8 +69,8 @@ def install(dsn: str | None, prefix: str | None, config_path: str | None, data_d
     from . import schema
 
     config = _load(config_path, {"dsn": dsn, "prefix": prefix})
-    _with_database(config, data_dir, lambda conn: schema.install(conn, config.prefix))
-    click.echo(f"installed the Oban tables in schema {config.prefix}")
+    where = _with_database(config, data_dir, lambda conn: schema.install(conn, config.prefix))
+    click.echo(f"installed the Oban tables in schema {config.prefix} of {where}")
 
 
 @main.command()
@@ -84,8 +84,8 @@ def uninstall(dsn: str | None, prefix: str | None, config_path: str | None, data
     if not yes:
         click.confirm(f"Drop the Oban tables in schema {config.prefix}, with every job in them?", abort=True)
 
-    _with_database(config, data_dir, lambda conn: schema.uninstall(conn, config.prefix))
-    click.echo(f"removed the Oban tables from schema {config.prefix}")
+    where = _with_database(config, data_dir, lambda conn: schema.uninstall(conn, config.prefix))
+    click.echo(f"removed the Oban tables from schema {config.prefix} of {where}")
 
 
 @main.command()
@@ -187,7 +187,9 @@ def _preflight(dsn: str, prefix: str, config: config_module.Config) -> None:
         _fail(str(error))
 
 
-def _with_database(config: config_module.Config, data_dir: str | None, action: Callable[[Any], Any]) -> None:
+def _with_database(config: config_module.Config, data_dir: str | None, action: Callable[[Any], Any]) -> str:
+    """Run ``action`` on a connection to the configured database; return where that database is."""
+    from .dsn import describe_dsn
     from .preflight import DatabaseUnavailableError, connect
 
     dsn, server = _resolve(config, data_dir)
@@ -206,6 +208,8 @@ def _with_database(config: config_module.Config, data_dir: str | None, action: C
     finally:
         if server is not None:
             server.stop()
+
+    return describe_dsn(dsn)
 
 
 def _import_modules(modules: list[str]) -> None:

@@ -37,6 +37,7 @@ class Oban:
     Args:
         pool: an asyncpg pool to use; when omitted, one is opened from ``dsn``.
         dsn: connection string, used when ``pool`` is omitted and by the queues' own connections.
+            With neither, `start` uses ``OBAN_DSN``, else the embedded PostgreSQL, as ``obanpro start`` does.
         queues: ``{"default": 10}`` or ``"default:10,mailers:5"``; omit to only enqueue.
         name: instance name, used by workers' ``enqueue`` and in signal idents.
         node: node name written to ``attempted_by``; the host name by default.
@@ -75,8 +76,6 @@ class Oban:
         pool_min_size: int = 1,
         pool_max_size: int = 10,
     ) -> None:
-        if pool is None and dsn is None:
-            raise TypeError("Oban needs pool= (an asyncpg.Pool) or dsn=")
         if pool is not None and not isinstance(pool, asyncpg.Pool):
             raise TypeError(f"invalid pool {pool!r}: expected an asyncpg.Pool")
         if not isinstance(name, str) or not name:
@@ -87,9 +86,10 @@ class Oban:
         self.prefix = queries.check_prefix(prefix)
         self.queues = parse_queues(queues) if queues is not None else {}
 
-        if self.queues and dsn is None:
-            raise TypeError("Oban with queues needs dsn=, for the connections that listen and fetch")
+        if self.queues and pool is not None and dsn is None:
+            raise TypeError("Oban(pool=...) with queues also needs dsn=, for the connections that listen and fetch")
         self.dsn = dsn
+        self._embedded: Any = None
         self.pool = pool
         self.grace_period = grace_period
         self._owns_pool = pool is None
@@ -134,6 +134,13 @@ class Oban:
         if self._started:
             return self
 
+        if self.pool is None and self.dsn is None:
+            # As obanpro start does: OBAN_DSN, else the embedded PostgreSQL,
+            # which this instance starts when no other process runs it.
+            from .embedded import resolve_dsn
+
+            self.dsn, self._embedded = resolve_dsn()
+
         if self.pool is None:
             self.pool = await create_pool(
                 self.dsn,
@@ -171,6 +178,12 @@ class Oban:
         if self._owns_pool and self.pool is not None:
             await self.pool.close()
             self.pool = None
+
+        if self._embedded is not None:
+            # Stops the server only when this instance started it; a node using
+            # it starts it again.
+            self._embedded.stop()
+            self._embedded = None
 
         self._started = False
 
