@@ -36,7 +36,7 @@ cdef struct Header:
     uint32_t next_entry
     uint32_t generation
     char node[64]
-    uint8_t reserved[64]
+    char prefix[64]
 
 
 cdef struct QueueRecord:

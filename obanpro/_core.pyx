@@ -28,7 +28,7 @@ Byte layout (native byte order, every field naturally aligned; offsets in bytes)
         56  u32  next_entry      first entry not yet given to a queue
         60  u32  generation      bumped whenever a queue is added or stopped
         64  char node[64]        node name, UTF-8, NUL-padded
-        128 u8   reserved[64]
+        128 char prefix[64]      schema of the Oban tables the node runs, NUL-padded
     Queue records, max_queues x 192 bytes at offset 192
         0   char name[128]       UTF-8, NUL-terminated (names are < 128 characters)
         128 u32  state           0 unused, 1 running, 2 stopped
@@ -98,7 +98,7 @@ import json as _json
 
 import_datetime()
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAGIC = int.from_bytes(b"OBANSLT1", "little")
 
 HEADER_SIZE = sizeof(Header)
@@ -166,7 +166,7 @@ def layout():
             "next_entry": <size_t>&h.next_entry - hb,
             "generation": <size_t>&h.generation - hb,
             "node": <size_t>&h.node - hb,
-            "reserved": <size_t>&h.reserved - hb,
+            "prefix": <size_t>&h.prefix - hb,
         },
         "QueueRecord": {
             "size": sizeof(QueueRecord),
@@ -275,7 +275,7 @@ cdef class SlotTable:
             self._has_view = False
 
     @staticmethod
-    def format(buffer, str node, int max_queues, int max_workers, int entry_count, int supervisor_pid):
+    def format(buffer, str node, int max_queues, int max_workers, int entry_count, int supervisor_pid, str prefix=""):
         """Write an empty table into ``buffer`` and return a view of it."""
         cdef Py_buffer view
         cdef Header *header
@@ -300,6 +300,8 @@ cdef class SlotTable:
             header.supervisor_pid = supervisor_pid
             header.created_at_ns = _clock_ns(CLOCK_REALTIME)
             memcpy(header.node, <char *>encoded, len(encoded))
+            encoded_prefix = prefix.encode("utf-8")[:63]
+            memcpy(header.prefix, <char *>encoded_prefix, len(encoded_prefix))
             # The magic goes last, so a reader never accepts a half-written header.
             op_store_u64(&header.magic, <uint64_t>MAGIC)
         finally:
@@ -327,6 +329,10 @@ cdef class SlotTable:
     @property
     def node(self):
         return self._header.node[:strnlen(self._header.node, 64)].decode("utf-8", "replace")
+
+    @property
+    def prefix(self):
+        return self._header.prefix[:strnlen(self._header.prefix, 64)].decode("utf-8", "replace")
 
     @property
     def supervisor_pid(self):

@@ -194,7 +194,7 @@ class Oban:
         await self.stop()
 
     async def _start_queues(self) -> None:
-        table = slots.private_table(self.node, self.queues)
+        table = slots.private_table(self.node, self.queues, self.prefix)
         table.register_worker(0, os.getpid(), os.urandom(16))
 
         self._runtime = Runtime(

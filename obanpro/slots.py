@@ -74,14 +74,16 @@ def _capacities(queues: dict[str, dict], max_workers: int) -> tuple[int, int, in
     return max(MAX_QUEUES, len(queues)), max_workers, entries
 
 
-def _format(buffer: object, node: str, queues: dict[str, dict], capacities: tuple[int, int, int]) -> SlotTable:
-    table = SlotTable.format(buffer, node, *capacities, os.getpid())
+def _format(
+    buffer: object, node: str, queues: dict[str, dict], capacities: tuple[int, int, int], prefix: str = ""
+) -> SlotTable:
+    table = SlotTable.format(buffer, node, *capacities, os.getpid(), prefix)
     for queue, options in queues.items():
         table.add_queue(queue, options["limit"], queue_capacity(options["limit"]), options.get("paused", False))
     return table
 
 
-def create(node: str, queues: dict[str, dict], max_workers: int) -> Segment:
+def create(node: str, queues: dict[str, dict], max_workers: int, prefix: str = "") -> Segment:
     """Create and format a segment for ``queues`` (name to options with ``limit`` and ``paused``)."""
     capacities = _capacities(queues, max_workers)
     size = table_size(*capacities)
@@ -98,13 +100,13 @@ def create(node: str, queues: dict[str, dict], max_workers: int) -> Segment:
         memory.close_fd()
         raise
 
-    return Segment(name, _format(mapping, node, queues, capacities), mapping, memory.fd)
+    return Segment(name, _format(mapping, node, queues, capacities, prefix), mapping, memory.fd)
 
 
-def private_table(node: str, queues: dict[str, dict]) -> SlotTable:
+def private_table(node: str, queues: dict[str, dict], prefix: str = "") -> SlotTable:
     """Return a one-process table in ordinary memory, for an `Oban` embedded in an application."""
     capacities = _capacities(queues, 1)
-    return _format(bytearray(table_size(*capacities)), node, queues, capacities)
+    return _format(bytearray(table_size(*capacities)), node, queues, capacities, prefix)
 
 
 def attach(name: str, *, writable: bool = True) -> Segment:

@@ -64,6 +64,7 @@ def snapshot(table: _core.SlotTable, segment_name: str) -> dict[str, Any]:
 
     return {
         "node": table.node,
+        "prefix": table.prefix,
         "supervisor_pid": table.supervisor_pid,
         "segment": segment_name,
         "uptime": round((now_ns - table.created_at_ns) / 1e9, 1),
@@ -133,7 +134,10 @@ def _print_text(report: dict[str, Any]) -> None:
 
     for node in report["nodes"]:
         state = " (stopping)" if node["stopping"] else ""
-        click.echo(f"node {node['node']}{state}: supervisor pid {node['supervisor_pid']}, up {node['uptime']:.0f} s")
+        click.echo(
+            f"node {node['node']}{state}: supervisor pid {node['supervisor_pid']}, schema {node['prefix']}, "
+            f"up {node['uptime']:.0f} s"
+        )
         click.echo(f"  {'process':>7} {'pid':>8} {'state':<9} {'uptime s':>9} {'jobs run':>9} {'RSS MB':>7}")
         for process in node["processes"]:
             click.echo(

@@ -135,7 +135,7 @@ class Supervisor:
     def run(self) -> int:
         """Create the slot table, start every process, supervise until stopped; return the exit code."""
         self._rescue_stale(slots.remove_stale())
-        self.segment = slots.create(self.config.node, self.config.queues, self.config.processes)
+        self.segment = slots.create(self.config.node, self.config.queues, self.config.processes, self.config.prefix)
         signal_read, signal_write = _nonblocking_pipe()
         self._signal_read, self._signal_write = signal_read, signal_write
         previous = self._install_signals(signal_write)

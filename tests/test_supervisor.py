@@ -379,6 +379,7 @@ async def test_status_reads_running_node(start_node, dsn: str, prefix: str, oban
     assert len(report["nodes"]) == 1
     status = report["nodes"][0]
     assert status["supervisor_pid"] == node.pid
+    assert status["prefix"] == prefix
     assert len(status["processes"]) == 2
     assert all(process["rss_mb"] > 0 for process in status["processes"])
     assert status["queues"][0]["running"] == 3
