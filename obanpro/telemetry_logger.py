@@ -119,6 +119,15 @@ def _milliseconds(nanoseconds: Any) -> float | None:
     return round(nanoseconds / 1e6, 2) if isinstance(nanoseconds, (int, float)) else None
 
 
+def _readable(milliseconds: float | None) -> str:
+    """Return a duration for a log line: milliseconds below one second, seconds above."""
+    if milliseconds is None:
+        return "an unknown time"
+    if milliseconds < 1000:
+        return f"{milliseconds:g} ms"
+    return f"{milliseconds / 1000:.2f} s"
+
+
 def _job_event(name: str, metadata: dict[str, Any]) -> tuple[dict[str, Any], str]:
     job = metadata["job"]
     fields: dict[str, Any] = {"event": name}
@@ -131,7 +140,7 @@ def _job_event(name: str, metadata: dict[str, Any]) -> tuple[dict[str, Any], str
     fields["state"] = str(metadata.get("state"))
     fields["duration"] = _milliseconds(metadata.get("duration"))
     fields["queue_time"] = _milliseconds(metadata.get("queue_time"))
-    timing = f"after {fields['duration']} ms, {fields['queue_time']} ms after it was due"
+    timing = f"after running {_readable(fields['duration'])} (it started {_readable(fields['queue_time'])} after it was due)"
 
     if name == telemetry.JOB_STOP:
         return fields, f"{where} ended {fields['state']} {timing}"
@@ -153,8 +162,8 @@ def _span_event(name: str, metadata: dict[str, Any]) -> tuple[dict[str, Any], st
         error = metadata.get("error")
         fields["error_type"] = type(error).__name__
         fields["error_message"] = str(error)
-        message = f"{span} failed after {fields['duration']} ms: {fields['error_type']}: {error}"
+        message = f"{span} failed after {_readable(fields['duration'])}: {fields['error_type']}: {error}"
     else:
-        message = f"{span} took {fields['duration']} ms"
+        message = f"{span} took {_readable(fields['duration'])}"
 
     return fields, f"{message} ({details})" if details else message
