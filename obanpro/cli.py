@@ -154,8 +154,23 @@ def status(node: str | None, as_json: bool, dsn: str | None, prefix: str | None,
     sys.exit(show(config, data_dir=data_dir, node=node, as_json=as_json))
 
 
-# The commands of this group are defined in obanpro/jobs_cli.py.
-@main.group()
+class _LazyGroup(click.Group):
+    """A group whose commands are defined in obanpro/jobs_cli.py, imported only when the group is used."""
+
+    def _load(self) -> None:
+        from . import jobs_cli  # noqa: F401 - defining its commands registers them on this group
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load()
+        return super().get_command(ctx, name)
+
+
+# Loading it lazily keeps asyncpg's and the job commands' imports off every other command's start.
+@main.group(cls=_LazyGroup)
 def jobs() -> None:
     """List, show, retry and cancel jobs."""
 
@@ -254,7 +269,3 @@ def _print_plan(config: config_module.Config) -> None:
 def _fail(message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(EXIT_FAILURE)
-
-
-# Registers the commands of the jobs group; it imports the helpers above, so it comes last.
-from . import jobs_cli  # noqa: F401

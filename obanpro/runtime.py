@@ -117,7 +117,10 @@ class Runtime:
         self._max_memory = max_memory
         self._producers: dict[str, Producer] = {}
         self._running: dict[int, tuple[asyncio.Task[None], Job, Producer]] = {}
-        self._threads = ThreadPoolExecutor(thread_name_prefix="obanpro-job")
+        # One thread per slot the process could hold, created on demand: the
+        # default of cores + 4 left sync jobs holding slots without running.
+        capacity = sum(slots.capacity(index) for index in slots.queues().values())
+        self._threads = ThreadPoolExecutor(max_workers=max(32, capacity), thread_name_prefix="obanpro-job")
         self._executor = Executor(
             threads=self._threads,
             import_roots=self._import_roots,
