@@ -771,6 +771,11 @@ def render(result: dict, plot_path: Path) -> str:
         else:
             out.append("Not measured yet: run the command above.\n")
 
+    faults = ROOT / "benchmarks" / "faults" / "RESULTS.md"
+    if faults.is_file():
+        # Written by hand from benchmarks.faults runs, which take too long for this command.
+        out.append("\n" + faults.read_text(encoding="utf-8").strip() + "\n")
+
     out.append("\n## What the figures say\n\n")
     out.append(findings(result))
     return "".join(out)

@@ -16,6 +16,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -64,7 +65,6 @@ class Acker:
     ) -> None:
         self._pool = pool
         self._sql = queries.load("ack_jobs", prefix)
-        self._refill_sql = queries.load("ack_and_fetch_jobs", prefix)
         self._plan_refill = plan_refill
         self._on_acked = on_acked
         self._pending: list[AckAction] = []
@@ -152,19 +152,8 @@ class Acker:
         with telemetry.span("oban.producer.ack", {"count": len(batch)}) as span:
             try:
                 async with _acquire(self._pool) as conn:
-                    if refill is None:
-                        rows = await conn.fetch(self._sql, *ack_columns(batch), timeout=QUERY_TIMEOUT)
-                        stored = {row[0] for row in rows}
-                    else:
-                        rows = await conn.fetch(
-                            self._refill_sql,
-                            *ack_columns(batch),
-                            refill.queue,
-                            len(refill.entries),
-                            refill.attempted_by,
-                            timeout=QUERY_TIMEOUT,
-                        )
-                        stored = set(rows[0]["acked_ids"])
+                    rows = await conn.fetch(self._sql, *ack_columns(batch, refill), timeout=QUERY_TIMEOUT)
+                stored = set(rows[0]["acked_ids"])
             except CONNECTION_ERRORS:
                 if refill is not None:
                     refill.lost()
@@ -237,7 +226,9 @@ async def _acquire(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
         await pool.release(conn)
 
 
-def ack_columns(batch: list[AckAction]) -> tuple[list, ...]:
+def ack_columns(batch: list[AckAction], refill: Refill | None = None) -> tuple[Any, ...]:
+    """Return the parameters of ack_jobs.sql for ``batch``, fetching for ``refill`` when given."""
+    fetch = (refill.queue, len(refill.entries), refill.attempted_by) if refill else ("", 0, [])
     return (
         [action.job.id for action in batch],
         [action.job.attempt for action in batch],
@@ -246,4 +237,5 @@ def ack_columns(batch: list[AckAction]) -> tuple[list, ...]:
         [action.schedule_in for action in batch],
         [_json(action.error) for action in batch],
         [_json(action.meta) for action in batch],
+        *fetch,
     )

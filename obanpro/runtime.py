@@ -144,22 +144,6 @@ class Runtime:
     async def start(self) -> None:
         """Open connections, start listening and start a producer per running queue."""
         name = f"obanpro {self.node} worker {self.worker_index}"
-        self.pool = await create_pool(self.dsn, min_size=1, max_size=2, internal=True, application_name=f"{name} ack")
-        # A fetch that is lost in a server crash only makes its jobs available
-        # again, which a dead worker does too, so fetches skip waiting for the
-        # WAL flush (about 0.2 ms a commit here). Acks wait for it.
-        self.fetch_pool = await create_pool(
-            self.dsn,
-            min_size=1,
-            max_size=1,
-            internal=True,
-            application_name=f"{name} fetch",
-            server_settings={"synchronous_commit": "off"},
-        )
-
-        self._acker = Acker(self.pool, self.prefix, self._on_acked, self._plan_refill)
-        self._acker.start()
-
         self._notifier = Notifier(
             self.dsn,
             self.prefix,
@@ -167,7 +151,31 @@ class Runtime:
             on_reconnect=self._on_reconnect,
             connect_kwargs={"server_settings": session_settings(f"{name} listen")},
         )
-        await self._notifier.start()
+
+        # The three connections open at once; a process start waits for the slowest only.
+        opened = await asyncio.gather(
+            create_pool(self.dsn, min_size=1, max_size=2, internal=True, application_name=f"{name} ack"),
+            # A fetch that is lost in a server crash only makes its jobs available
+            # again, which a dead worker does too, so fetches skip waiting for the
+            # WAL flush (about 0.2 ms a commit here). Acks wait for it.
+            create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=1,
+                internal=True,
+                application_name=f"{name} fetch",
+                server_settings={"synchronous_commit": "off"},
+            ),
+            self._notifier.start(),
+            return_exceptions=True,
+        )
+        self.pool, self.fetch_pool = (None if isinstance(item, BaseException) else item for item in opened[:2])
+        failed = [item for item in opened if isinstance(item, BaseException)]
+        if failed:
+            raise failed[0]
+
+        self._acker = Acker(self.pool, self.prefix, self._on_acked, self._plan_refill)
+        self._acker.start()
 
         self._refresh_queues()
         self._refresh_live_workers()

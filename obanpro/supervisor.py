@@ -149,9 +149,10 @@ class Supervisor:
                 ", ".join(f"{name}:{options['limit']}" for name, options in self.config.queues.items()),
                 self.segment.name,
             )
-            self._spawn_duties()
+            # Workers first: the first job waits for them, not for the duties process.
             for child in self._workers:
                 self._spawn_worker(child)
+            self._spawn_duties()
 
             while not self._finished():
                 self._wait(signal_read)
