@@ -149,6 +149,9 @@ class Supervisor:
                 ", ".join(f"{name}:{options['limit']}" for name, options in self.config.queues.items()),
                 self.segment.name,
             )
+            # Imported here, in the parent, so every forked child inherits the modules.
+            from . import duties, worker_process  # noqa: F401
+
             # Workers first: the first job waits for them, not for the duties process.
             for child in self._workers:
                 self._spawn_worker(child)

@@ -1,6 +1,8 @@
 """The main function of a forked worker process.
 
-After the fork the process resets its signal handlers and random state, asks
+The supervisor imports this module, and so the runtime, before it forks, so
+children start without importing anything. After the fork the process resets
+its signal handlers and random state, asks
 Linux to send it SIGTERM when the supervisor dies, then builds its own event
 loop, runs the ``--setup`` hook, and runs a `Runtime` until SIGTERM (drain and
 exit 0) or until it recycles itself. SIGINT is ignored: Ctrl-C in a terminal
@@ -24,7 +26,9 @@ from typing import Any
 from . import _core, process
 from .config import Config
 from .db import CONNECTION_ERRORS
+from .oban import Oban
 from .process import EXIT_CRASHED, EXIT_OK, EXIT_RECYCLED, EXIT_SETUP_FAILED, EXIT_START_FAILED
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +86,6 @@ async def _main(
     teardown: Callable[[], Any] | None,
     worker_uuid: uuid.UUID,
 ) -> int:
-    from .oban import Oban
-    from .runtime import Runtime
-
     pid = os.getpid()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
