@@ -45,7 +45,8 @@ class Refill:
     entries: list[int]
     attempted_by: list[str]
     lost: Callable[[], None]
-    """Called when the statement's reply is lost, so the producer looks for jobs it fetched unknowingly."""
+    """Called when the statement failed or its reply was lost, so the producer looks for jobs it
+    fetched unknowingly."""
 
 
 class Acker:
@@ -154,7 +155,7 @@ class Acker:
                 async with _acquire(self._pool) as conn:
                     rows = await conn.fetch(self._sql, *ack_columns(batch, refill), timeout=QUERY_TIMEOUT)
                 stored = set(rows[0]["acked_ids"])
-            except CONNECTION_ERRORS:
+            except BaseException:
                 if refill is not None:
                     refill.lost()
                 raise

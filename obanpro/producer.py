@@ -125,6 +125,7 @@ class Producer:
                 return
 
             self.last_take_ns = time.monotonic_ns()
+            runtime.fetching += len(entries)
             try:
                 jobs = await self._fetch(len(entries))
             except BaseException:
@@ -132,6 +133,8 @@ class Producer:
                 for entry in entries:
                     slots.release(entry, runtime.pid)
                 raise
+            finally:
+                runtime.fetching -= len(entries)
 
             for entry in entries[len(jobs):]:
                 slots.release(entry, runtime.pid)

@@ -133,6 +133,8 @@ class Runtime:
         self._monitor: asyncio.Task[None] | None = None
         self._generation = -1
         self._jobs_run = 0
+        self.fetching = 0
+        """Jobs asked for by fetches whose replies have not arrived yet."""
         self._live_workers = 1
         self._cpu_busy = False
         self._sample_start_ns = 0
@@ -285,10 +287,14 @@ class Runtime:
         self.slots.set_job(entry, job.id, job.attempt, self.worker_index, timeout)
 
     def remaining_jobs(self) -> int | None:
-        """Return how many more jobs this process may start before it recycles, or None without a limit."""
+        """Return how many more jobs this process may start before it recycles, or None without a limit.
+
+        Fetches in flight count as started, since both the producer and the
+        acker may be fetching at once.
+        """
         if not self._max_jobs:
             return None
-        return max(0, self._max_jobs - self._jobs_run - len(self._running))
+        return max(0, self._max_jobs - self._jobs_run - len(self._running) - self.fetching)
 
     def _plan_refill(self, batch: list[AckAction]) -> Refill | None:
         """Choose the producer whose freed slots the ack statement should fill again, if any wants them."""
@@ -311,9 +317,17 @@ class Runtime:
         if demand <= 0:
             return None
 
-        return Refill(producer.queue, entries[:demand], producer.attempted_by, producer.expect_orphans)
+        self.fetching += demand
+
+        def lost() -> None:
+            self.fetching -= demand
+            producer.expect_orphans()
+
+        return Refill(producer.queue, entries[:demand], producer.attempted_by, lost)
 
     def _on_acked(self, batch: list[AckAction], refill: Refill | None, jobs: list[Job]) -> None:
+        if refill is not None:
+            self.fetching -= len(refill.entries)
         woken: set[Producer] = set()
         fetched = dict(zip(refill.entries, jobs)) if refill is not None else {}
         placed: list[tuple[Producer, Job, int]] = []
