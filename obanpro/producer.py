@@ -25,6 +25,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from . import _core, queries, telemetry
 from .db import CONNECTION_ERRORS, QUERY_TIMEOUT, Backoff, recover
 from .job import Job, JobState
@@ -89,9 +91,10 @@ class Producer:
                 pass
             self._wake.clear()
 
+            if self._orphans_possible:
+                await self._release_orphans()
+
             try:
-                if self._orphans_possible:
-                    await self._release_orphans()
                 await self._dispatch()
                 backoff.reset()
             except CONNECTION_ERRORS as error:
@@ -205,11 +208,19 @@ class Producer:
         return _core.decode_jobs(rows, Job, JobState.EXECUTING)
 
     async def _release_orphans(self) -> None:
-        """Give back rows this producer marked executing in a fetch whose reply was lost."""
+        """Give back rows this producer marked executing in a fetch whose reply was lost.
+
+        A failure leaves the flag set for the next round and lets the fetch go
+        ahead, so the release can never hold the queue up.
+        """
         running = [job.id for job in self.runtime.running_jobs(self.queue)]
 
-        async with self.runtime.pool.acquire(timeout=QUERY_TIMEOUT) as conn:
-            released = await conn.fetch(self._release_sql, self.queue, str(self.uuid), running, timeout=QUERY_TIMEOUT)
+        try:
+            async with self.runtime.pool.acquire(timeout=QUERY_TIMEOUT) as conn:
+                released = await conn.fetch(self._release_sql, self.queue, str(self.uuid), running, timeout=QUERY_TIMEOUT)
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
+            log.warning("giving back jobs of queue %s fetched without a reply failed: %r", self.queue, error)
+            return
 
         self._orphans_possible = False
         if released:
