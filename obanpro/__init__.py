@@ -21,9 +21,9 @@ _EXPORTS = {
 __all__ = ["Cancel", "Job", "JobState", "Record", "Snooze", "job", "worker", *_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from .executor import current_job
-    from .oban import Oban
-    from .supervisor import run
+    from .executor import current_job  # noqa: F401 - exported lazily by __getattr__
+    from .oban import Oban  # noqa: F401
+    from .supervisor import run  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """The duties process: what a node does once, not once per worker process.
 
 It runs the node services (see `obanpro.node`) and rescues the jobs of dead
-workers when the supervisor asks. The supervisor sends requests as JSON lines over a
+workers on the supervisor's request. The supervisor sends requests as JSON lines over a
 pipe and drops each one only when this process replies that it is stored, so a
 request survives the duties process dying and being replaced.
 """

@@ -36,7 +36,7 @@ class RepeatFilter(logging.Filter):
 
     A node that loses its database retries every loop at once and would log
     the same warning hundreds of times; the first message after a quiet spell
-    says how many were held back.
+    gives the number held back.
     """
 
     BURST = 3

@@ -2,7 +2,7 @@
 
 `NodeServices` runs in the duties process under ``obanpro start``, and inside
 the application's loop for an `Oban` embedded with queues. Each service is an
-object with ``start()`` and ``async stop()``; they share one pool and act on the
+object with ``start()`` and ``async stop()``. They share one pool and act on the
 node's slot table, which every worker process reads without a round trip.
 """
 
@@ -49,7 +49,7 @@ class Service(Protocol):
 
 @dataclass
 class NodeContext:
-    """What node services share."""
+    """The pool, names, slot table and callbacks that node services share."""
 
     pool: asyncpg.Pool
     dsn: str

@@ -1,4 +1,4 @@
-"""Checks run before a node forks: the database answers and holds the Oban tables."""
+"""Checks run before a node forks: the database accepts connections and has the Oban tables."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ async def connect(dsn: str) -> asyncpg.Connection:
         raise DatabaseUnavailableError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
     except asyncio.TimeoutError:
         raise DatabaseUnavailableError(
-            f"cannot connect to PostgreSQL at {where}: no answer within {CONNECT_TIMEOUT:g} s"
+            f"cannot connect to PostgreSQL at {where}: no response within {CONNECT_TIMEOUT:g} s"
         ) from None
     except asyncpg.InvalidPasswordError:
         raise DatabaseUnavailableError(f"cannot connect to PostgreSQL at {where}: password authentication failed") from None
@@ -42,9 +42,9 @@ async def connect(dsn: str) -> asyncpg.Connection:
 async def check(dsn: str, prefix: str, connections: int = 0) -> None:
     """Raise DatabaseUnavailableError or schema.SchemaError when the node cannot run.
 
-    ``connections`` is how many connections the node will open; a warning is
-    logged when the server has fewer free, since processes that cannot connect
-    are restarted in a loop.
+    ``connections`` is how many connections the node will open. A warning is
+    logged when the server has fewer free, because processes that cannot
+    connect are restarted in a loop.
     """
     conn = await connect(dsn)
     try:

@@ -4,7 +4,7 @@ Every job a worker fetches carries ``attempted_by = [node, producer uuid]``,
 and each worker process has its own producer uuids. So the jobs a dead worker
 left ``executing`` are exactly the rows with one of its uuids, including any
 whose fetch committed just before the process died. They get an error entry
-that says how the process died and follow the retry rules, with the worker's
+stating how the process died and follow the retry rules, with the worker's
 own ``backoff`` when it has one, without waiting for the time-based lifeline.
 When the process was killed because one job overran its timeout, the other
 jobs it ran lose no attempt: they become available again at once.
@@ -43,7 +43,7 @@ async def rescue_jobs(
     """Make the executing jobs of ``uuids`` retryable or discarded; return ``[(job id, new state)]``.
 
     ``cause`` becomes the error, except for jobs in ``timed_out`` (job id to
-    timeout in seconds), whose error says they timed out.
+    timeout in seconds), whose error states that they timed out.
     """
     timed_out = timed_out or {}
 

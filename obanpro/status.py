@@ -146,7 +146,11 @@ def _print_text(report: dict[str, Any]) -> None:
             )
         click.echo(f"  {'queue':<20} {'running':>7} {'limit':>6}  state")
         for queue in node["queues"]:
-            flags = "stopped" if queue["stopped"] else "paused" if queue["paused"] else "running"
+            flags = "running"
+            if queue["paused"]:
+                flags = "paused"
+            if queue["stopped"]:
+                flags = "stopped"
             click.echo(f"  {queue['queue']:<20} {queue['running']:>7} {queue['limit']:>6}  {flags}")
 
     if report.get("jobs") is not None:

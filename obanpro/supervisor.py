@@ -481,7 +481,9 @@ class Supervisor:
         if child.kind == "worker":
             self._on_worker_exit(child, pid, cause, code, signum)
         else:
-            level = logging.INFO if child.stopping else logging.WARNING if code == EXIT_OK else logging.ERROR
+            level = logging.ERROR
+            if code == EXIT_OK:
+                level = logging.INFO if child.stopping else logging.WARNING
             log.log(level, "duties process (pid %s) %s", pid, cause)
 
         if self._shutdown_at is not None or self._forced:
@@ -567,7 +569,7 @@ class Supervisor:
         """Restart the embedded PostgreSQL when it stopped under the node.
 
         Its owner may be another process, such as a script that enqueued jobs
-        and exited; then this node starts it again and owns it from then on.
+        and exited. This node then starts it again and owns it from then on.
         """
         now = time.monotonic()
         if self.embedded is None or self._shutdown_at is not None or now < self._embedded_checked_at + EMBEDDED_CHECK_INTERVAL:
@@ -724,7 +726,7 @@ def run(
     flags = {"queues": queues, "processes": processes, "setup": setup, "teardown": teardown, **options}
     config = config_module.load(flags=flags)
     if not logging.getLogger().handlers:
-        # A script that set up no logging still sees what the node does, as obanpro start shows it.
+        # A script that set up no logging still gets the node's log, as obanpro start prints it.
         from .log import configure
 
         configure(config.log_level, config.log_format)
@@ -740,7 +742,7 @@ def run(
 
 
 def preflight(dsn: str, prefix: str, config: Config | None = None) -> None:
-    """Check that the database answers and holds the tables, before anything forks."""
+    """Check that the database accepts connections and has the tables, before anything forks."""
     from .preflight import check
 
     asyncio.run(check(dsn, prefix, connections_needed(config) if config else 0))

@@ -41,7 +41,7 @@ SELECT n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = '
 
 
 class VacuumWatch:
-    """Logs, at most once per ``interval``, the transactions open longer than ``max_age`` seconds.
+    """Logs every ``interval`` seconds the transactions open longer than ``max_age`` seconds, when there are any.
 
     Args:
         pool: connection for the two catalog queries.

@@ -147,7 +147,7 @@ JSON_LIKE_VALUES = [
     {"users": [{"id": 1, "name": "Ann", "tags": ["a", "b"], "score": 9.5, "active": True}]},
     {"nested": {"deeper": {"deepest": None}}, "empty_list": [], "empty_map": {}},
     {"big": 2**70, "negative": -(2**40), "list": [None, False, 1.25, "x"]},
-    {1: "int key", 2.5: "float key", None: "nil key", True: "bool key"},
+    {1: "int key", 2.5: "float key", None: "nil key", False: "bool key"},
 ]
 
 
