@@ -163,6 +163,10 @@ def _string_problem(value: str, path: str) -> str | None:
     return None
 
 
+encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+"""Compact, strict JSON; one encoder for every call, since json.dumps builds one per call with options."""
+
+
 def encode_object(value: Any, field: str) -> str:
     """Encode a JSON object field (args or meta), naming the offending key on failure."""
     if not isinstance(value, Mapping):
@@ -173,11 +177,41 @@ def encode_object(value: Any, field: str) -> str:
     if not value:
         return "{}"
 
-    bad = find_unserializable(value, field)
-    if bad:
-        raise ValueError(f"invalid {field}: {bad}")
+    # The C encoder does the work; the slow walk that names the bad value runs
+    # only when something is wrong. Escaped NULs and surrogates show in the
+    # output, since the encoder writes ASCII, and only keys need a check of their own.
+    try:
+        text = encode_json(value)
+    except (TypeError, ValueError):
+        text = None
 
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    if text is None or "\\u0000" in text or "\\ud" in text or not _keys_are_strings(value):
+        bad = find_unserializable(value, field)
+        if bad:
+            raise ValueError(f"invalid {field}: {bad}")
+        if text is None:
+            raise ValueError(f"invalid {field}: not JSON-serialisable")
+
+    return text
+
+
+def _keys_are_strings(value: Mapping[str, Any]) -> bool:
+    """Return False when a dict anywhere in ``value`` has a key that is not a string.
+
+    The JSON encoder turns such keys into strings silently, so they need this check.
+    """
+    pending: list[Any] = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            for key, inner in item.items():
+                if type(key) is not str:
+                    return False
+                if isinstance(inner, (Mapping, list, tuple)):
+                    pending.append(inner)
+        else:
+            pending.extend(inner for inner in item if isinstance(inner, (Mapping, list, tuple)))
+    return True
 
 
 class Job:

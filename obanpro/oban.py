@@ -22,7 +22,7 @@ import asyncpg
 from . import control, queries, schema, slots, testing
 from .config import parse_queues
 from .db import create_pool
-from .job import Job, JobState, encode_object, to_utc
+from .job import Job, JobState, encode_json, encode_object, to_utc
 from .runtime import Runtime
 from .node import NodeContext, NodeServices, check_options
 
@@ -431,7 +431,7 @@ def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
         workers.append(job.worker)
         args.append(encode_object(job.args, "args"))
         metas.append(encode_object(job.meta, "meta"))
-        tags.append(json.dumps(job.tags))
+        tags.append(encode_json(job.tags) if job.tags else "[]")
         attempts.append(job.max_attempts)
         priorities.append(job.priority)
         scheduled.append(None if job.scheduled_at is None else job.scheduled_at.astimezone(UTC).replace(tzinfo=None))
