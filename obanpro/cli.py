@@ -100,7 +100,7 @@ def uninstall(dsn: str | None, prefix: str | None, config_path: str | None, data
 @click.option("--max-jobs-per-process", type=click.IntRange(0), help="Replace a worker process after this many jobs; 0 never [env OBAN_PRO_MAX_JOBS_PER_PROCESS].")
 @click.option("--max-memory-per-process", type=click.IntRange(0), help="Replace a worker process above this resident memory, in MB; 0 never [env OBAN_PRO_MAX_MEMORY_PER_PROCESS].")
 @click.option("--pool-min-size", type=click.IntRange(0), help="Connections kept open per worker process for job code; 0 opens them on first use [env OBAN_POOL_MIN_SIZE; default 0].")
-@click.option("--pool-max-size", type=click.IntRange(1), help="Most connections per worker process for job code [env OBAN_POOL_MAX_SIZE; default 10].")
+@click.option("--pool-max-size", type=click.IntRange(1), help="Maximum connections per worker process for job code [env OBAN_POOL_MAX_SIZE; default 10].")
 @click.option("--log-level", type=click.Choice(config_module.LOG_LEVELS, case_sensitive=False), help="Log level [env OBAN_LOG_LEVEL; default INFO].")
 @click.option("--log-format", type=click.Choice(config_module.LOG_FORMATS), help="text or json lines [env OBAN_LOG_FORMAT; default text].")
 @click.option("--dry-run", is_flag=True, help="Load the settings and the worker modules, print them and exit.")
