@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import random
 import signal
@@ -37,7 +36,9 @@ def set_parent_death_signal(signum: int) -> bool:
         return False
 
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The process's own symbols include libc's; `ctypes.util.find_library`
+        # would run `ldconfig -p` in every forked process.
+        _libc = ctypes.CDLL(None, use_errno=True)
 
     return _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
 
