@@ -59,6 +59,8 @@ class Producer:
         self.saturated_at = -SATURATION_MEMORY
         """When a CPU sample last found the process saturated while this queue's sync jobs ran."""
         self.limited = False
+        self._free_left = 0
+        """Free slots of the queue when this producer last found itself limited; 0 when it is not."""
         self.last_take_ns = 0
         self._fetch_sql = queries.load("fetch_jobs", runtime.prefix)
         self._release_sql = queries.load("release_orphans", runtime.prefix)
@@ -191,9 +193,18 @@ class Producer:
         if remaining is not None:
             demand = min(demand, remaining)
 
+        # Leaving free slots to the siblings: wake them when more are free than
+        # at the last such call, not at every check, or two limited processes
+        # would wake each other back and forth, each wake taking the GIL from a
+        # job thread.
         self.limited = demand <= 0 and self.held < limit
-        if self.limited and runtime.slots.counts(self.queue_index)[0] > 0:
-            runtime.wake_siblings()
+        if self.limited:
+            free = runtime.slots.counts(self.queue_index)[0]
+            if free > self._free_left:
+                runtime.wake_siblings()
+            self._free_left = free
+        else:
+            self._free_left = 0
 
         return demand
 
