@@ -24,6 +24,7 @@ from typing import Any
 from . import telemetry
 from .backoff import clamp_backoff, default_backoff
 from .job import Cancel, Job, Record, Snooze
+from .thread_gate import JobThread, ThreadGate
 from .worker import UnknownWorkerError, resolve, timeout_for
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,11 @@ def error_entry(job: Job, message: str) -> dict[str, Any]:
     return {"attempt": job.attempt, "at": datetime.now(UTC).isoformat(), "error": message}
 
 
+def _in_thread(thread: JobThread, process: Callable[[Job], Any], job: Job) -> Any:
+    thread.enter()
+    return process(job)
+
+
 def timeout_message(seconds: float) -> str:
     return f"timed out after {seconds:g} s"
 
@@ -91,8 +97,12 @@ class Executor:
         self._cancel_check = cancel_check
         self._on_deadline = on_deadline
 
-    async def run(self, job: Job, entry: int) -> AckAction:
-        """Run ``job`` held in slot ``entry`` and return how to ack it; never raises for job errors."""
+    async def run(self, job: Job, entry: int, gate: ThreadGate | None = None) -> AckAction:
+        """Run ``job`` held in slot ``entry`` and return how to ack it; never raises for job errors.
+
+        A sync job waits in ``gate``, when given, before its thread starts; its
+        timeout and duration count from then.
+        """
         token = _current_job.set(job)
         start = time.monotonic_ns()
         worker_instance: Any = None
@@ -104,10 +114,17 @@ class Executor:
             timeout = timeout_for(cls, job, worker_instance)
             self._check_args(job)
             job._cancel_check = lambda: self._cancel_check(entry)
+            thread = None
+            if gate is not None and not cls.__obanpro_async__:
+                thread = await gate.enter()
+                start = time.monotonic_ns()
+                if self._cancel_check(entry):
+                    gate.leave(thread)
+                    raise JobCancelledError("cancelled before it started")
             if timeout:
                 self._on_deadline(entry, timeout)
             telemetry.execute(telemetry.JOB_START, {"job": job, "monotonic_time": start})
-            result, tb = await self._perform(cls, worker_instance, job, timeout), None
+            result, tb = await self._perform(cls, worker_instance, job, timeout, gate, thread), None
         except asyncio.CancelledError:
             if not self._cancel_check(entry):
                 raise
@@ -130,7 +147,15 @@ class Executor:
                 f"{str(job.args)[:200]}"
             )
 
-    async def _perform(self, cls: type, instance: Any, job: Job, timeout: float | None) -> Any:
+    async def _perform(
+        self,
+        cls: type,
+        instance: Any,
+        job: Job,
+        timeout: float | None,
+        gate: ThreadGate | None = None,
+        thread: JobThread | None = None,
+    ) -> Any:
         if cls.__obanpro_async__:
             try:
                 async with asyncio.timeout(timeout):
@@ -140,7 +165,16 @@ class Executor:
 
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        future = loop.run_in_executor(self._threads, context.run, instance.process, job)
+        if gate is None or thread is None:
+            future = loop.run_in_executor(self._threads, context.run, instance.process, job)
+        else:
+            try:
+                future = loop.run_in_executor(self._threads, context.run, _in_thread, thread, instance.process, job)
+            except BaseException:
+                gate.leave(thread)
+                raise
+            # The thread leaves the gate when it returns, even when a timeout stopped waiting for it.
+            future.add_done_callback(lambda _future: gate.leave(thread))
 
         if timeout is None or self._supervised:
             result = await future

@@ -277,7 +277,7 @@ class Runtime:
         sync = cls is not None and not cls.__obanpro_async__
         producer.running_sync += sync
         try:
-            action = await self._executor.run(job, entry)
+            action = await self._executor.run(job, entry, producer.gate)
         finally:
             producer.running_sync -= sync
         self._acker.add(action)
@@ -445,6 +445,10 @@ class Runtime:
             wall, cpu = now, now_cpu
 
             for producer in self._producers.values():
+                if self.draining:
+                    producer.gate.open()
+                else:
+                    producer.gate.sample(self._cpu_busy)
                 if self._cpu_busy and producer.running_sync:
                     producer.saturated_at = now
                 elif not self._cpu_busy and (producer.limited or was_busy):

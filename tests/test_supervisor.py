@@ -289,6 +289,11 @@ async def test_cpu_jobs_spread_over_processes(start_node, oban: Oban, conn: asyn
         assert len(pid_runs) >= 30, f"pid {pid} ran only {len(pid_runs)} of 100 jobs"
         # Busy until the end: each process finishes its last job in the last tenth of the run.
         assert max(run["stop"] for run in pid_runs) > end - (end - start) * 0.1
+        # Once the first jobs showed them CPU-bound, a process runs them one after
+        # the other rather than in threads that share its GIL.
+        later = sorted((run for run in pid_runs if run["start"] > start + (end - start) / 2), key=lambda run: run["start"])
+        overlapping = sum(1 for before, after in zip(later, later[1:]) if after["start"] < before["stop"])
+        assert overlapping <= len(later) // 5, f"pid {pid}: {overlapping} of {len(later)} later jobs overlapped another"
     node.stop()
 
 

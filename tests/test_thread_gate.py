@@ -1,0 +1,183 @@
+"""The thread gate: one CPU-bound sync job of a queue at a time, I/O-bound ones all at once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from obanpro import thread_gate
+from obanpro.executor import Executor
+from obanpro.job import Job
+from obanpro.thread_gate import ThreadGate
+
+from . import workers
+
+pytestmark = pytest.mark.skipif(
+    thread_gate._thread_clock is None, reason="this Python has no per-thread CPU clocks"
+)
+
+
+def _compute(seconds: float) -> None:
+    value = b"x"
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(1000):
+            value = hashlib.sha256(value).digest()
+
+
+async def _run(gate: ThreadGate, pool: ThreadPoolExecutor, body, spans: list[tuple[float, float]]) -> None:
+    thread = await gate.enter()
+
+    def call() -> None:
+        thread.enter()
+        started = time.monotonic()
+        body()
+        spans.append((started, time.monotonic()))
+
+    try:
+        await asyncio.get_running_loop().run_in_executor(pool, call)
+    finally:
+        gate.leave(thread)
+
+
+async def _sample_every(gate: ThreadGate, interval: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(interval)
+        gate.sample(process_busy=True)
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(start, 1) for start, _ in spans] + [(stop, -1) for _, stop in spans])
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+async def test_cpu_bound_jobs_run_serially() -> None:
+    gate = ThreadGate()
+    spans: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_every(gate, 0.02, stop))
+    with ThreadPoolExecutor(8) as pool:
+        # The first job shows the sampler what the queue's jobs do.
+        await _run(gate, pool, lambda: _compute(0.1), spans)
+        assert gate.serial
+        spans.clear()
+        await asyncio.gather(*(_run(gate, pool, lambda: _compute(0.05), spans) for _ in range(6)))
+    stop.set()
+    await sampler
+
+    assert len(spans) == 6
+    assert _max_overlap(spans) == 1
+
+
+async def test_io_bound_jobs_run_together() -> None:
+    gate = ThreadGate()
+    gate.serial = True  # as if CPU-bound jobs ran before: the sample must open the gate
+    spans: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_every(gate, 0.02, stop))
+    with ThreadPoolExecutor(8) as pool:
+        await asyncio.gather(*(_run(gate, pool, lambda: time.sleep(0.3), spans) for _ in range(6)))
+    stop.set()
+    await sampler
+
+    assert not gate.serial
+    assert _max_overlap(spans) >= 5
+
+
+async def test_open_lets_waiting_jobs_in() -> None:
+    gate = ThreadGate()
+    gate.serial = True
+    first = await gate.enter()
+    waiting = [asyncio.create_task(gate.enter()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in waiting)
+
+    gate.open()
+    threads = await asyncio.wait_for(asyncio.gather(*waiting), 1)
+    assert gate.running == 4
+    for thread in (first, *threads):
+        gate.leave(thread)
+    assert gate.running == 0
+
+
+async def test_cancelled_waiter_is_skipped() -> None:
+    gate = ThreadGate()
+    gate.serial = True
+    first = await gate.enter()
+    cancelled = asyncio.create_task(gate.enter())
+    second = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await asyncio.sleep(0.01)
+
+    gate.leave(first)
+    thread = await asyncio.wait_for(second, 1)
+    assert gate.running == 1
+    gate.leave(thread)
+
+
+async def test_short_sample_keeps_decision() -> None:
+    gate = ThreadGate()
+    gate.serial = True
+    thread = await gate.enter()
+    gate.sample(process_busy=False)  # the thread has not run long enough to judge
+    assert gate.serial
+    gate.leave(thread)
+
+
+
+def _executor(pool: ThreadPoolExecutor, cancelled: set[int], deadlines: list[float]) -> Executor:
+    return Executor(
+        threads=pool,
+        import_roots=(),
+        supervised=False,
+        cancel_check=lambda entry: entry in cancelled,
+        on_deadline=lambda _entry, _timeout: deadlines.append(time.monotonic()),
+    )
+
+
+async def test_cancelled_waiting_job_never_starts() -> None:
+    gate = ThreadGate()
+    gate.serial = True
+    cancelled: set[int] = set()
+    with ThreadPoolExecutor(2) as pool:
+        executor = _executor(pool, cancelled, [])
+        running = await gate.enter()  # another job of the queue holds the thread
+        job = Job(workers.SyncNoop.__obanpro_name__, {}, id=1, attempt=1)
+        task = asyncio.create_task(executor.run(job, 1, gate))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+
+        cancelled.add(1)
+        gate.leave(running)
+        action = await asyncio.wait_for(task, 5)
+
+    assert action.state == "cancelled"
+    assert action.error is not None and action.error["error"] == "cancelled before it started"
+    assert gate.running == 0
+
+
+async def test_timeout_counts_from_gate() -> None:
+    gate = ThreadGate()
+    gate.serial = True
+    deadlines: list[float] = []
+    with ThreadPoolExecutor(2) as pool:
+        executor = _executor(pool, set(), deadlines)
+        running = await gate.enter()
+        job = Job(workers.Spin.__obanpro_name__, {"seconds": 0.1, "timeout": 0.4}, id=2, attempt=1, max_attempts=2)
+        task = asyncio.create_task(executor.run(job, 2, gate))
+        await asyncio.sleep(0.6)  # longer than the job's timeout, spent waiting
+        released = time.monotonic()
+        gate.leave(running)
+        action = await asyncio.wait_for(task, 5)
+
+    assert action.state == "completed"
+    assert deadlines and deadlines[0] >= released
