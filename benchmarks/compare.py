@@ -159,8 +159,27 @@ def project_python() -> Path:
     return python
 
 
+_compiled: set[Path] = set()
+
+
+def compile_sources(python: Path) -> None:
+    """Write the bytecode of the project's sources for ``python`` once per run.
+
+    pip compiles what it installs, but the benchmark's job modules and the
+    editable obanpro are imported from the source tree, which an interpreter
+    running with PYTHONDONTWRITEBYTECODE would compile again at every start.
+    """
+    if python in _compiled:
+        return
+    _compiled.add(python)
+    sources = [ROOT / "benchmarks"] + ([ROOT / "obanpro"] if python == project_python() else [])
+    subprocess.run([str(python), "-m", "compileall", "-q", *map(str, sources)], capture_output=True, check=False)
+
+
 def python_for(tool: str) -> Path:
-    return project_python() if tool in ("obanpro", "baseline") else ensure_venv(tool)
+    python = project_python() if tool in ("obanpro", "baseline") else ensure_venv(tool)
+    compile_sources(python)
+    return python
 
 
 # Output
