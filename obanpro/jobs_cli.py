@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 import click
 
-from . import control, queries
+from . import control, erlang_term, queries
 from .cli import _common, _fail, _load, _resolve, jobs
 from .job import Job, JobState
 
@@ -301,6 +301,14 @@ def _table(found: list[Job]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
+def _recorded(encoded: Any) -> str:
+    """Return the value a `Record` stored in ``meta.return`` (base64 of an Erlang term), for reading."""
+    try:
+        return repr(erlang_term.decode_base64(encoded))
+    except (TypeError, ValueError) as error:
+        return f"(meta.return could not be decoded: {error})"
+
+
 def _details(job: Job) -> str:
     lines = [
         f"id:           {job.id}",
@@ -312,8 +320,10 @@ def _details(job: Job) -> str:
         f"tags:         {', '.join(job.tags) or '-'}",
         f"args:         {json.dumps(job.args)}",
         f"meta:         {json.dumps(job.meta)}",
-        f"attempted_by: {', '.join(job.attempted_by) or '-'}",
     ]
+    if isinstance(job.meta, dict) and job.meta.get("recorded") and "return" in job.meta:
+        lines.append(f"recorded:     {_recorded(job.meta['return'])}")
+    lines.append(f"attempted_by: {', '.join(job.attempted_by) or '-'}")
     for field in ("inserted_at", "scheduled_at", "attempted_at", "completed_at", "cancelled_at", "discarded_at"):
         value = getattr(job, field)
         if value is not None:

@@ -10,6 +10,7 @@ import sys
 import asyncpg
 import pytest
 
+from obanpro.job import Record
 from obanpro.oban import Oban
 
 from . import workers
@@ -198,3 +199,27 @@ def test_missing_tables_name_install(dsn: str) -> None:
 
     assert result.returncode == 1
     assert "obanpro install --prefix no_such_schema_here" in result.stderr
+
+
+async def test_show_decodes_recorded_value(dsn: str, prefix: str, oban: Oban, conn: asyncpg.Connection) -> None:
+    recorded = await workers.Recorder.enqueue()
+    broken = await workers.Recorder.enqueue()
+    await conn.execute(
+        f"""UPDATE {prefix}.oban_jobs SET state = 'completed', meta = jsonb_build_object('recorded', true, 'return', $2::text)
+        WHERE id = $1""",
+        recorded.id,
+        Record({"rows": [1, 2], "ok": True}).encoded,
+    )
+    await conn.execute(
+        f"""UPDATE {prefix}.oban_jobs SET state = 'completed', meta = '{{"recorded": true, "return": "%%%"}}'
+        WHERE id = $1""",
+        broken.id,
+    )
+
+    text = jobs_cli(dsn, prefix, "show", str(recorded.id))
+    broken_text = jobs_cli(dsn, prefix, "show", str(broken.id))
+
+    assert text.returncode == 0, text.stderr
+    assert "recorded:     {'rows': [1, 2], 'ok': True}" in text.stdout
+    assert broken_text.returncode == 0, broken_text.stderr
+    assert "recorded:     (meta.return could not be decoded:" in broken_text.stdout
