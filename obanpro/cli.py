@@ -40,7 +40,11 @@ def _queues_option(ctx: click.Context, param: click.Parameter, value: str | None
 
 def _common(function: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--dsn", help="PostgreSQL connection string [env OBAN_DSN]; without one, an embedded server is used."),
+        click.option(
+            "--dsn",
+            help="PostgreSQL connection string [env OBAN_DSN]; without one, an embedded server is used. "
+            "Other users can see a password given here in the process list: prefer OBAN_DSN or ~/.pgpass.",
+        ),
         click.option("--prefix", help="Schema of the Oban tables [env OBAN_PREFIX; default public]."),
         click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML file [default ./obanpro.toml or ./oban.toml]."),
         click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory of the embedded PostgreSQL [env OBANPRO_DATA_DIR]."),
