@@ -7,28 +7,31 @@ between them every 5 ms, and that costs time. On a 2-core machine, 20 jobs of
 one-thread pool while the machine was idle, and up to 1.15x while other
 processes ran.
 
-While the last CPU sample found the queue's job threads keeping a core busy, a
-sync job that its producer already holds waits here until the job before it
+While the last sample found the queue's job threads computing (running or
+waiting for a core), a sync job that its producer has already fetched waits here until the job before it
 returns. It then starts on the loop's next turn, with no fetch in between. Sync
 jobs that wait on I/O (sleeps, sockets, subprocesses) release the GIL, so the
-sample finds their threads idle and the gate lets them all run at once.
+sample finds their threads idle and the gate lets them all run at once. A new
+gate starts closed, so the first I/O-bound jobs of a queue wait for the first
+sample, about 60 ms at most.
 
-The CPU time of each job thread comes from its own clock
-(`time.pthread_getcpuclockid`). Where Python has none (macOS), the process's
-CPU sample takes its place.
+Each job thread's busy time comes from its own clock (see `JobThread`). Where
+the platform has none, the process's CPU sample takes its place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 BUSY_FRACTION = 0.6
-"""Share of a core that the queue's threads must use, while any of them runs, for the gate to pass one
-job at a time. A computing thread got 0.6 to 1.0 of a core on a 2-core machine that also ran PostgreSQL."""
+"""Share of the time that the queue's threads must have been running or waiting for a core, while any
+of them ran, for the gate to pass one job at a time. A computing thread scores about 1.0 and a thread
+waiting on I/O about 0."""
 
 MIN_SAMPLE = 0.01
 """Seconds the queue's threads must have run since the last sample for it to decide anything."""
@@ -36,37 +39,78 @@ MIN_SAMPLE = 0.01
 _thread_clock: Callable[[int], int] | None = getattr(time, "pthread_getcpuclockid", None)
 
 
-class JobThread:
-    """The CPU clock of the thread that runs one job, read by the event loop."""
+def _schedstat_seconds(native_id: int) -> float | None:
+    """Return the seconds a thread of this process ran or waited for a core, from Linux's schedstat."""
+    try:
+        fd = os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        on_cpu, waiting = os.read(fd, 128).split()[:2]
+        return (int(on_cpu) + int(waiting)) / 1e9
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
 
-    __slots__ = ("clock", "used")
+
+def _clock_seconds(clock: int) -> float | None:
+    try:
+        return time.clock_gettime(clock)
+    except OSError:
+        return None
+
+
+MEASURABLE = _schedstat_seconds(threading.get_native_id()) is not None or _thread_clock is not None
+"""True when this platform can tell how busy each job thread is."""
+
+
+class JobThread:
+    """The clock of the thread that runs one job, read by the event loop.
+
+    On Linux the clock counts the time the thread ran or waited for a core
+    (``/proc/self/task/<tid>/schedstat``), so a computing thread still counts as
+    busy while other processes take the cores. Elsewhere it counts CPU time
+    (`time.pthread_getcpuclockid`).
+    """
+
+    __slots__ = ("_reader", "_last")
 
     def __init__(self) -> None:
-        self.clock: int | None = None
-        self.used = 0.0
-        """CPU seconds of the thread up to the last reading."""
+        self._reader: Callable[[], float | None] | None = None
+        self._last = 0.0
+        """Clock value at the last reading."""
 
     def enter(self) -> None:
-        """Called in the job's thread as it starts."""
+        """Start the clock; called in the job's thread before the job runs."""
+        native_id = threading.get_native_id()
+        start = _schedstat_seconds(native_id)
+        if start is not None:
+            self._last = start
+            self._reader = lambda: _schedstat_seconds(native_id)
+            return
+
         if _thread_clock is None:
             return
         try:
             clock = _thread_clock(threading.get_ident())
-            self.used = time.clock_gettime(clock)
-            self.clock = clock
         except OSError:
-            pass
+            return
+        start = _clock_seconds(clock)
+        if start is not None:
+            self._last = start
+            self._reader = lambda: _clock_seconds(clock)
 
     def read(self) -> float:
-        """Return the thread's CPU seconds since the last reading."""
-        if self.clock is None:
+        """Return the thread's busy seconds since the last reading."""
+        reader = self._reader
+        if reader is None:
             return 0.0
-        try:
-            now = time.clock_gettime(self.clock)
-        except OSError:
+        now = reader()
+        if now is None:
             return 0.0
-        used, self.used = now - self.used, now
-        return max(0.0, used)
+        busy, self._last = now - self._last, now
+        return max(0.0, busy)
 
 
 class ThreadGate:
@@ -74,11 +118,13 @@ class ThreadGate:
 
     def __init__(self, busy_fraction: float = BUSY_FRACTION) -> None:
         self.busy_fraction = busy_fraction
-        self.serial = False
-        """True while the last sample found this queue's threads CPU-bound: one job at a time."""
+        self.serial = True
+        """True while the last sample found this queue's threads CPU-bound, and until the first sample:
+        one job at a time. Starting serial keeps a first batch of CPU-bound jobs from sharing the GIL
+        in many threads, where each would take as long as the whole batch and could overrun its timeout."""
         self._running: set[JobThread] = set()
         self._waiting: deque[asyncio.Future[None]] = deque()
-        self._finished_cpu = 0.0
+        self._finished_busy = 0.0
         self._busy_since: float | None = None
         """When the queue's threads last went from none running to one, while some run."""
         self._busy_wall = 0.0
@@ -110,7 +156,7 @@ class ThreadGate:
 
     def leave(self, thread: JobThread) -> None:
         """Record that the job's thread returned, and let the next waiting job in."""
-        self._finished_cpu += thread.read()
+        self._finished_busy += thread.read()
         self._running.discard(thread)
         if not self._running and self._busy_since is not None:
             self._busy_wall += time.monotonic() - max(self._busy_since, self._last_sample)
@@ -123,22 +169,22 @@ class ThreadGate:
         self._release(len(self._waiting))
 
     def sample(self, process_busy: bool) -> None:
-        """Decide from the CPU the queue's threads used since the last sample, while any of them ran."""
+        """Decide how busy the queue's threads were since the last sample, over the time any of them ran."""
         now = time.monotonic()
         busy = self._busy_wall
         if self._busy_since is not None:
             busy += now - max(self._busy_since, self._last_sample)
-        used = self._finished_cpu + sum(thread.read() for thread in self._running)
-        self._finished_cpu = 0.0
+        thread_busy = self._finished_busy + sum(thread.read() for thread in self._running)
+        self._finished_busy = 0.0
         self._busy_wall = 0.0
         self._last_sample = now
         if busy < MIN_SAMPLE:
             return  # too short to judge: keep the last decision
 
-        if _thread_clock is None:
+        if not MEASURABLE:
             self.serial = process_busy
         else:
-            self.serial = used / busy >= self.busy_fraction
+            self.serial = thread_busy / busy >= self.busy_fraction
         if not self.serial:
             self._release(len(self._waiting))
 

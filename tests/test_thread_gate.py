@@ -17,7 +17,7 @@ from obanpro.thread_gate import ThreadGate
 from . import workers
 
 pytestmark = pytest.mark.skipif(
-    thread_gate._thread_clock is None, reason="this Python has no per-thread CPU clocks"
+    not thread_gate.MEASURABLE, reason="this platform cannot measure how busy a thread is"
 )
 
 
@@ -78,8 +78,7 @@ async def test_cpu_bound_jobs_run_serially() -> None:
 
 
 async def test_io_bound_jobs_run_together() -> None:
-    gate = ThreadGate()
-    gate.serial = True  # as if CPU-bound jobs ran before: the sample must open the gate
+    gate = ThreadGate()  # a new gate is closed: the first sample must open it
     spans: list[tuple[float, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_every(gate, 0.02, stop))
@@ -90,6 +89,20 @@ async def test_io_bound_jobs_run_together() -> None:
 
     assert not gate.serial
     assert _max_overlap(spans) >= 5
+
+
+async def test_first_cpu_batch_runs_serially() -> None:
+    gate = ThreadGate()
+    spans: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_every(gate, 0.05, stop))
+    with ThreadPoolExecutor(8) as pool:
+        await asyncio.gather(*(_run(gate, pool, lambda: _compute(0.05), spans) for _ in range(6)))
+    stop.set()
+    await sampler
+
+    assert gate.serial
+    assert _max_overlap(spans) == 1
 
 
 async def test_open_lets_waiting_jobs_in() -> None:
