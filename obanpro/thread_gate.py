@@ -8,8 +8,9 @@ one-thread pool while the machine was idle, and up to 1.15x while other
 processes ran.
 
 While the last sample found the queue's job threads computing (running or
-waiting for a core), a sync job that its producer has already fetched waits here until the job before it
-returns. It then starts on the loop's next turn, with no fetch in between. Sync
+waiting for a core), a sync job that its producer has already fetched waits
+here until the job before it returns. It then starts on the loop's next turn,
+with no fetch in between. Sync
 jobs that wait on I/O (sleeps, sockets, subprocesses) release the GIL, so the
 sample finds their threads idle and the gate lets them all run at once. A new
 gate starts closed, so the first I/O-bound jobs of a queue wait for the first
