@@ -24,7 +24,7 @@ from typing import Any
 from . import telemetry
 from .backoff import clamp_backoff, default_backoff
 from .job import Cancel, Job, Record, Snooze
-from .thread_gate import JobThread, ThreadGate
+from .thread_gate import JobThread, NotStarted, ThreadGate
 from .worker import UnknownWorkerError, resolve, timeout_for
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,22 @@ class Executor:
         self._supervised = supervised
         self._cancel_check = cancel_check
         self._on_deadline = on_deadline
+        self.waiting: set[int] = set()
+        """Slot entries of the sync jobs waiting in a thread gate, not started yet."""
 
     async def run(self, job: Job, entry: int, gate: ThreadGate | None = None) -> AckAction:
         """Run ``job`` held in slot ``entry`` and return how to ack it; never raises for job errors.
 
-        A sync job waits in ``gate``, when given, before its thread starts; its
-        timeout and duration count from then.
+        With ``gate``, a sync job of a CPU-bound queue first waits for its
+        process's CPU lane, and its timeout and duration count from its start.
+        A job still waiting when the process drains is acked back to
+        ``available`` with its attempt returned.
         """
         token = _current_job.set(job)
         start = time.monotonic_ns()
         worker_instance: Any = None
         timeout: float | None = None
+        started = False
 
         try:
             cls = resolve(job.worker, self._import_roots)
@@ -116,19 +121,23 @@ class Executor:
             job._cancel_check = lambda: self._cancel_check(entry)
             thread = None
             if gate is not None and not cls.__obanpro_async__:
-                thread = await gate.enter()
+                thread = await self._wait_in_gate(gate, entry)
                 start = time.monotonic_ns()
                 if self._cancel_check(entry):
                     gate.leave(thread)
                     raise JobCancelledError("cancelled before it started")
+            started = True
             if timeout:
                 self._on_deadline(entry, timeout)
             telemetry.execute(telemetry.JOB_START, {"job": job, "monotonic_time": start})
             result, tb = await self._perform(cls, worker_instance, job, timeout, gate, thread), None
+        except NotStarted:
+            log.info("job %s (%s) goes back to queue %s unstarted: its process is stopping", job.id, job.worker, job.queue)
+            return AckAction(job, entry, "available", attempt_change=-1)
         except asyncio.CancelledError:
             if not self._cancel_check(entry):
                 raise
-            result, tb = JobCancelledError("cancelled while executing"), None
+            result, tb = JobCancelledError("cancelled while executing" if started else "cancelled before it started"), None
         except UnknownWorkerError as error:
             result, tb = error, str(error)
         except (Exception, SystemExit) as error:
@@ -139,6 +148,13 @@ class Executor:
         action = self._ack_for(job, entry, result, tb, worker_instance)
         self._report(job, action, result, tb, start)
         return action
+
+    async def _wait_in_gate(self, gate: ThreadGate, entry: int) -> JobThread:
+        self.waiting.add(entry)
+        try:
+            return await gate.enter()
+        finally:
+            self.waiting.discard(entry)
 
     def _check_args(self, job: Job) -> None:
         if not isinstance(job.args, dict):

@@ -12,7 +12,7 @@ after its last take shows it is not saturated, so a process busy with
 CPU-bound sync jobs leaves the rest of the slots, and the rows they would mark
 executing, to its idle siblings, while a process running I/O-bound async jobs
 can still fill the whole limit. A saturated process that runs sync jobs of the
-queue keeps only `SATURATED_SYNC_JOBS` of them, and its thread gate
+queue keeps only `SATURATED_SYNC_JOBS` of them, and the process's CPU lane
 (`obanpro.thread_gate`) runs them one after the other: more threads would only
 share one GIL, and fewer held jobs leave less work stranded in one process at
 the end.
@@ -61,8 +61,8 @@ class Producer:
         self.running_sync = 0
         self.saturated_at = -SATURATION_MEMORY
         """When a CPU sample last found the process saturated while this queue's sync jobs ran."""
-        self.gate = ThreadGate()
-        """Lets this queue's sync jobs into threads, one at a time while they keep a core busy."""
+        self.gate = ThreadGate(runtime.lane)
+        """Samples this queue's sync jobs and sends them through the process's CPU lane while they compute."""
         self.limited = False
         self._free_left = 0
         """Free slots of the queue when this producer last found itself limited; 0 when it is not."""

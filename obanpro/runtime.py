@@ -32,6 +32,7 @@ from .executor import AckAction, Executor
 from .job import Job
 from .notifier import Notifier
 from .producer import Producer
+from .thread_gate import CpuLane, sample_gates
 from .worker import lookup
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class Runtime:
         self._max_jobs = max_jobs
         self._max_memory = max_memory
         self._producers: dict[str, Producer] = {}
+        self.lane = CpuLane()
+        """Runs the process's CPU-bound sync jobs one at a time, whatever their queue."""
         self._running: dict[int, tuple[asyncio.Task[None], Job, Producer]] = {}
         # One thread per slot the process could hold, created on demand: the
         # default of cores + 4 left sync jobs holding slots without running.
@@ -444,11 +447,12 @@ class Runtime:
             self._cpu_busy = (now_cpu - cpu) / max(now - wall, 1e-6) > CPU_BUSY_FRACTION or lag > LOOP_LAG_BUSY
             wall, cpu = now, now_cpu
 
+            if self.draining:
+                self.lane.drain()
+            else:
+                sample_gates([producer.gate for producer in self._producers.values()], self._cpu_busy)
+
             for producer in self._producers.values():
-                if self.draining:
-                    producer.gate.open()
-                else:
-                    producer.gate.sample(self._cpu_busy)
                 if self._cpu_busy and producer.running_sync:
                     producer.saturated_at = now
                 elif not self._cpu_busy and (producer.limited or was_busy):
@@ -488,7 +492,10 @@ class Runtime:
 
             self._cancelled.add(entry)
             cls = lookup(job.worker)
-            if cls is not None and cls.__obanpro_async__:
+            if entry in self._executor.waiting:
+                log.info("cancelling job %s (%s) in pid %s before it started", job.id, job.worker, self.pid)
+                task.cancel()
+            elif cls is not None and cls.__obanpro_async__:
                 log.info("cancelling running job %s (%s) in pid %s", job.id, job.worker, self.pid)
                 task.cancel()
 

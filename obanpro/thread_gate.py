@@ -1,20 +1,21 @@
-"""Lets a queue's sync jobs into the threads of a worker process, one at a time while they are CPU-bound.
+"""Runs the CPU-bound sync jobs of a worker process one at a time, in its CPU lane.
 
 The threads of a process share one GIL, so two CPU-bound jobs in two threads
 finish no sooner than one after the other would. The interpreter also switches
 between them every 5 ms, and that costs time. On a 2-core machine, 20 jobs of
 100,000 SHA-256 rounds in a two-thread pool took 1.02x as long as in a
 one-thread pool while the machine was idle, and up to 1.15x while other
-processes ran.
+processes ran. Each job's duration, and so its timeout, also covered the work
+of the jobs that shared the GIL with it.
 
-While the last sample found the queue's job threads computing (running or
-waiting for a core), a sync job that its producer has already fetched waits
-here until the job before it returns. It then starts on the loop's next turn,
-with no fetch in between. Sync
-jobs that wait on I/O (sleeps, sockets, subprocesses) release the GIL, so the
-sample finds their threads idle and the gate lets them all run at once. A new
-gate starts closed, so the first I/O-bound jobs of a queue wait for the first
-sample, about 60 ms at most.
+Each queue's `ThreadGate` samples how busy its job threads are. While a queue
+counts as CPU-bound, a sync job of it that the producer has already fetched
+waits for the process's `CpuLane` until the CPU-bound job before it returns,
+whatever that job's queue. It then starts on the loop's next turn, with no
+fetch in between. Sync jobs that wait on I/O (sleeps, sockets, subprocesses)
+release the GIL, so the sample finds their threads idle and their queue's jobs
+run side by side, outside the lane. A queue starts in the lane, so its first
+I/O-bound jobs wait for the first sample, about 60 ms at most.
 
 Each job thread's busy time comes from its own clock (see `JobThread`). Where
 the platform has none, the process's CPU sample takes its place.
@@ -27,7 +28,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 BUSY_FRACTION = 0.6
 """Share of the time that the queue's threads must have been running or waiting for a core, while any
@@ -75,9 +76,11 @@ class JobThread:
     (`time.pthread_getcpuclockid`).
     """
 
-    __slots__ = ("_reader", "_last")
+    __slots__ = ("in_lane", "_reader", "_last")
 
-    def __init__(self) -> None:
+    def __init__(self, in_lane: bool) -> None:
+        self.in_lane = in_lane
+        """True when the job holds its process's CPU lane."""
         self._reader: Callable[[], float | None] | None = None
         self._last = 0.0
         """Clock value at the last reading."""
@@ -114,63 +117,118 @@ class JobThread:
         return max(0.0, busy)
 
 
-class ThreadGate:
-    """Gate for the sync jobs of one queue in one process: the ones running in threads, and the ones waiting."""
+class NotStarted(Exception):
+    """Raised to a job waiting for the CPU lane when its process drains: the job goes back to its queue unstarted."""
 
-    def __init__(self, busy_fraction: float = BUSY_FRACTION) -> None:
-        self.busy_fraction = busy_fraction
+
+class CpuLane:
+    """The one CPU-bound sync job that a worker process runs at a time, and the jobs waiting for it.
+
+    Jobs wait in the order they arrived, whatever their queue.
+    """
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.draining = False
+        """True once the process drains: jobs that would wait go back to their queue instead."""
+        self._waiting: deque[tuple[ThreadGate, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, gate: ThreadGate) -> bool:
+        """Wait for the lane while ``gate``'s queue is CPU-bound; return True when the job holds it.
+
+        Raises:
+            NotStarted: the process drains, and the job would have had to wait.
+        """
+        while self.busy and gate.serial:
+            if self.draining:
+                raise NotStarted
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (gate, waiter)
+            self._waiting.append(entry)
+            try:
+                await waiter
+            finally:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+
+        if not gate.serial:
+            return False  # the queue turned out not to be CPU-bound while the job waited
+        self.busy = True
+        return True
+
+    def release(self) -> None:
+        """Free the lane and wake the job that waited longest."""
+        self.busy = False
+        self._wake(lambda _gate: True, first_only=True)
+
+    def release_queue(self, gate: ThreadGate) -> None:
+        """Wake the waiting jobs of ``gate``'s queue, which no longer needs the lane."""
+        self._wake(lambda waiting_gate: waiting_gate is gate, first_only=False)
+
+    def drain(self) -> None:
+        """Send every waiting job back to its queue, and every later one that would wait."""
+        self.draining = True
+        self._wake(lambda _gate: True, first_only=False)
+
+    def _wake(self, matches: Callable[[ThreadGate], bool], first_only: bool) -> None:
+        for gate, waiter in list(self._waiting):
+            if matches(gate) and not waiter.done():
+                waiter.set_result(None)
+                if first_only:
+                    return
+
+
+class ThreadGate:
+    """The sync jobs of one queue in one process: how busy their threads are, and whether they need the lane."""
+
+    def __init__(self, lane: CpuLane) -> None:
+        self.lane = lane
         self.serial = True
         """True while the last sample found this queue's threads CPU-bound, and until the first sample:
-        one job at a time. Starting serial keeps a first batch of CPU-bound jobs from sharing the GIL
-        in many threads, where each would take as long as the whole batch and could overrun its timeout."""
+        its jobs then run in the process's CPU lane, one at a time. Starting there keeps a first
+        batch of CPU-bound jobs from sharing the GIL in many threads, where each would take as long
+        as the whole batch and could overrun its timeout."""
         self._running: set[JobThread] = set()
-        self._waiting: deque[asyncio.Future[None]] = deque()
         self._finished_busy = 0.0
         self._busy_since: float | None = None
         """When the queue's threads last went from none running to one, while some run."""
         self._busy_wall = 0.0
         """Seconds since the last sample during which at least one of the queue's threads ran."""
         self._last_sample = time.monotonic()
-        self.opened = False
-        """True while draining: every waiting job starts, as it would have without the gate."""
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     async def enter(self) -> JobThread:
-        """Wait until a job of this queue may run in a thread. The job's thread must call ``enter`` on the result."""
-        while self._running and self.serial and not self.opened:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiting:
-                    self._waiting.remove(waiter)
+        """Wait until a job of this queue may run in a thread. The job's thread must call ``enter`` on the result.
 
-        thread = JobThread()
+        Raises:
+            NotStarted: the process drains, and the job would have had to wait.
+        """
+        thread = JobThread(in_lane=await self.lane.acquire(self))
         if not self._running:
             self._busy_since = time.monotonic()
         self._running.add(thread)
         return thread
 
     def leave(self, thread: JobThread) -> None:
-        """Record that the job's thread returned, and let the next waiting job in."""
+        """Record that the job's thread returned, and free the lane when the job held it."""
         self._finished_busy += thread.read()
         self._running.discard(thread)
         if not self._running and self._busy_since is not None:
             self._busy_wall += time.monotonic() - max(self._busy_since, self._last_sample)
             self._busy_since = None
-        self._release(1 if self.serial and not self.opened else len(self._waiting))
+        if thread.in_lane:
+            self.lane.release()
 
-    def open(self) -> None:
-        """Let every waiting job start, and the ones after them: the process is draining."""
-        self.opened = True
-        self._release(len(self._waiting))
+    def measure(self) -> float | None:
+        """Return how busy the queue's threads were since the last call, over the time any of them ran.
 
-    def sample(self, process_busy: bool) -> None:
-        """Decide how busy the queue's threads were since the last sample, over the time any of them ran."""
+        The result is the threads' running and runnable seconds divided by the
+        wall seconds in which at least one of them ran, or None when they ran
+        for less than `MIN_SAMPLE`.
+        """
         now = time.monotonic()
         busy = self._busy_wall
         if self._busy_since is not None:
@@ -180,19 +238,26 @@ class ThreadGate:
         self._busy_wall = 0.0
         self._last_sample = now
         if busy < MIN_SAMPLE:
-            return  # too short to judge: keep the last decision
+            return None
+        return thread_busy / busy
 
-        if not MEASURABLE:
-            self.serial = process_busy
-        else:
-            self.serial = thread_busy / busy >= self.busy_fraction
-        if not self.serial:
-            self._release(len(self._waiting))
+    def decide(self, serial: bool) -> None:
+        self.serial = serial
+        if not serial:
+            self.lane.release_queue(self)
 
-    def _release(self, count: int) -> None:
-        for _ in range(count):
-            while self._waiting:
-                waiter = self._waiting.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+
+def sample_gates(gates: Iterable[ThreadGate], process_busy: bool) -> None:
+    """Decide for each queue of a process whether its sync jobs run in the CPU lane.
+
+    A thread waiting for the GIL sleeps on a lock, so it counts as idle. When
+    CPU-bound sync jobs of k queues share one GIL outside the lane, each
+    queue's threads are busy about 1/k of the time, so a queue counts as
+    CPU-bound from `BUSY_FRACTION` / k. Inside the lane a CPU-bound job has the
+    GIL to itself and scores near 1. Where threads cannot be measured, the
+    process's CPU sample decides for every queue whose threads ran.
+    """
+    shares = [(gate, gate.measure()) for gate in gates]
+    measured = [(gate, share) for gate, share in shares if share is not None]
+    for gate, share in measured:
+        gate.decide(share >= BUSY_FRACTION / len(measured) if MEASURABLE else process_busy)

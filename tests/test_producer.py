@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from obanpro.producer import Producer
+from obanpro.thread_gate import CpuLane
 
 
 class _Slots:
@@ -27,6 +28,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.slots = _Slots()
+        self.lane = CpuLane()
         self.sibling_wakes = 0
 
     def live_workers(self) -> int:

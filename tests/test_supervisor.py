@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -295,6 +296,27 @@ async def test_cpu_jobs_spread_over_processes(start_node, oban: Oban, conn: asyn
         overlapping = sum(1 for before, after in zip(later, later[1:]) if after["start"] < before["stop"])
         assert overlapping <= len(later) // 5, f"pid {pid}: {overlapping} of {len(later)} later jobs overlapped another"
     node.stop()
+
+
+async def test_stop_returns_unstarted_sync_jobs(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    jobs = await oban.enqueue_many([workers.Spin.new({"seconds": 1.0, "timeout": 30}) for _ in range(4)])
+    node = start_node("start", "--import", "tests.workers", "-q", "default:4", "-p", "1", "--grace-period", "5")
+
+    # One job computes; the others wait in the gate, fetched but not started.
+    async def all_fetched() -> bool:
+        return (await _states(conn, prefix)).get("executing") == 4
+
+    await wait_for(all_fetched, timeout=20)
+    await asyncio.sleep(0.3)
+    assert node.stop() == 0
+
+    rows = await conn.fetch(f"SELECT state::text, attempt, errors FROM {prefix}.oban_jobs WHERE id = ANY($1)", [job.id for job in jobs])
+    states = sorted(row["state"] for row in rows)
+    assert states == ["available", "available", "available", "completed"], node.output()
+    for row in rows:
+        if row["state"] == "available":
+            assert row["attempt"] == 0
+            assert json.loads(row["errors"]) == []
 
 
 async def test_io_jobs_may_fill_one_process(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:

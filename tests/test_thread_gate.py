@@ -12,7 +12,7 @@ import pytest
 from obanpro import thread_gate
 from obanpro.executor import Executor
 from obanpro.job import Job
-from obanpro.thread_gate import ThreadGate
+from obanpro.thread_gate import CpuLane, NotStarted, ThreadGate, sample_gates
 
 from . import workers
 
@@ -44,10 +44,11 @@ async def _run(gate: ThreadGate, pool: ThreadPoolExecutor, body, spans: list[tup
         gate.leave(thread)
 
 
-async def _sample_every(gate: ThreadGate, interval: float, stop: asyncio.Event) -> None:
+async def _sample_every(gate: ThreadGate | list[ThreadGate], interval: float, stop: asyncio.Event) -> None:
+    gates = gate if isinstance(gate, list) else [gate]
     while not stop.is_set():
         await asyncio.sleep(interval)
-        gate.sample(process_busy=True)
+        sample_gates(gates, process_busy=True)
 
 
 def _max_overlap(spans: list[tuple[float, float]]) -> int:
@@ -60,7 +61,7 @@ def _max_overlap(spans: list[tuple[float, float]]) -> int:
 
 
 async def test_cpu_bound_jobs_run_serially() -> None:
-    gate = ThreadGate()
+    gate = ThreadGate(CpuLane())
     spans: list[tuple[float, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_every(gate, 0.02, stop))
@@ -78,7 +79,7 @@ async def test_cpu_bound_jobs_run_serially() -> None:
 
 
 async def test_io_bound_jobs_run_together() -> None:
-    gate = ThreadGate()  # a new gate is closed: the first sample must open it
+    gate = ThreadGate(CpuLane())  # a new queue starts in the lane: the first sample must let it out
     spans: list[tuple[float, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_every(gate, 0.02, stop))
@@ -87,12 +88,11 @@ async def test_io_bound_jobs_run_together() -> None:
     stop.set()
     await sampler
 
-    assert not gate.serial
     assert _max_overlap(spans) >= 5
 
 
 async def test_first_cpu_batch_runs_serially() -> None:
-    gate = ThreadGate()
+    gate = ThreadGate(CpuLane())
     spans: list[tuple[float, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sample_every(gate, 0.05, stop))
@@ -105,25 +105,62 @@ async def test_first_cpu_batch_runs_serially() -> None:
     assert _max_overlap(spans) == 1
 
 
-async def test_open_lets_waiting_jobs_in() -> None:
-    gate = ThreadGate()
-    gate.serial = True
+async def test_cpu_queues_share_one_lane() -> None:
+    lane = CpuLane()
+    first, second = ThreadGate(lane), ThreadGate(lane)
+    spans: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_every([first, second], 0.05, stop))
+    with ThreadPoolExecutor(12) as pool:
+        await asyncio.gather(*(_run(gate, pool, lambda: _compute(0.05), spans) for gate in (first, second) for _ in range(5)))
+    stop.set()
+    await sampler
+
+    assert first.serial
+    assert second.serial
+    assert len(spans) == 10
+    assert _max_overlap(spans) == 1
+
+
+async def test_cpu_lane_leaves_io_queue_free() -> None:
+    lane = CpuLane()
+    cpu, io = ThreadGate(lane), ThreadGate(lane)
+    cpu_spans: list[tuple[float, float]] = []
+    io_spans: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sample_every([cpu, io], 0.05, stop))
+    with ThreadPoolExecutor(12) as pool:
+        await asyncio.gather(
+            *(_run(cpu, pool, lambda: _compute(0.1), cpu_spans) for _ in range(5)),
+            *(_run(io, pool, lambda: time.sleep(0.3), io_spans) for _ in range(6)),
+        )
+    stop.set()
+    await sampler
+
+    assert cpu.serial
+    assert _max_overlap(cpu_spans) == 1
+    assert _max_overlap(io_spans) >= 5
+
+
+async def test_drain_sends_waiting_jobs_back() -> None:
+    gate = ThreadGate(CpuLane())
     first = await gate.enter()
     waiting = [asyncio.create_task(gate.enter()) for _ in range(3)]
     await asyncio.sleep(0.01)
     assert not any(task.done() for task in waiting)
 
-    gate.open()
-    threads = await asyncio.wait_for(asyncio.gather(*waiting), 1)
-    assert gate.running == 4
-    for thread in (first, *threads):
-        gate.leave(thread)
+    gate.lane.drain()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(result, NotStarted) for result in results)
+    with pytest.raises(NotStarted):
+        await gate.enter()  # a job fetched during the drain that would wait
+    gate.leave(first)
+    gate.leave(await gate.enter())  # nothing runs: a job may still start
     assert gate.running == 0
 
 
 async def test_cancelled_waiter_is_skipped() -> None:
-    gate = ThreadGate()
-    gate.serial = True
+    gate = ThreadGate(CpuLane())
     first = await gate.enter()
     cancelled = asyncio.create_task(gate.enter())
     second = asyncio.create_task(gate.enter())
@@ -138,10 +175,9 @@ async def test_cancelled_waiter_is_skipped() -> None:
 
 
 async def test_short_sample_keeps_decision() -> None:
-    gate = ThreadGate()
-    gate.serial = True
+    gate = ThreadGate(CpuLane())
     thread = await gate.enter()
-    gate.sample(process_busy=False)  # the thread has not run long enough to judge
+    sample_gates([gate], process_busy=False)  # the thread has not run long enough to judge
     assert gate.serial
     gate.leave(thread)
 
@@ -158,8 +194,7 @@ def _executor(pool: ThreadPoolExecutor, cancelled: set[int], deadlines: list[flo
 
 
 async def test_cancelled_waiting_job_never_starts() -> None:
-    gate = ThreadGate()
-    gate.serial = True
+    gate = ThreadGate(CpuLane())
     cancelled: set[int] = set()
     with ThreadPoolExecutor(2) as pool:
         executor = _executor(pool, cancelled, [])
@@ -179,8 +214,7 @@ async def test_cancelled_waiting_job_never_starts() -> None:
 
 
 async def test_timeout_counts_from_gate() -> None:
-    gate = ThreadGate()
-    gate.serial = True
+    gate = ThreadGate(CpuLane())
     deadlines: list[float] = []
     with ThreadPoolExecutor(2) as pool:
         executor = _executor(pool, set(), deadlines)
@@ -194,3 +228,42 @@ async def test_timeout_counts_from_gate() -> None:
 
     assert action.state == "completed"
     assert deadlines and deadlines[0] >= released
+
+
+async def test_drained_waiting_job_goes_back() -> None:
+    gate = ThreadGate(CpuLane())
+    with ThreadPoolExecutor(2) as pool:
+        executor = _executor(pool, set(), [])
+        running = await gate.enter()
+        job = Job(workers.SyncNoop.__obanpro_name__, {}, id=3, attempt=1)
+        task = asyncio.create_task(executor.run(job, 3, gate))
+        await asyncio.sleep(0.05)
+        assert executor.waiting == {3}
+
+        gate.lane.drain()
+        action = await asyncio.wait_for(task, 5)
+        gate.leave(running)
+
+    assert action.state == "available"
+    assert action.attempt_change == -1
+    assert action.error is None
+    assert executor.waiting == set()
+
+
+async def test_waiting_job_cancelled_at_once() -> None:
+    gate = ThreadGate(CpuLane())
+    cancelled: set[int] = set()
+    with ThreadPoolExecutor(2) as pool:
+        executor = _executor(pool, cancelled, [])
+        running = await gate.enter()  # a long job ahead of it, which never checks for cancellation
+        job = Job(workers.SyncNoop.__obanpro_name__, {}, id=4, attempt=1)
+        task = asyncio.create_task(executor.run(job, 4, gate))
+        await asyncio.sleep(0.05)
+
+        cancelled.add(4)
+        task.cancel()  # as the runtime does for a job in `executor.waiting`
+        action = await asyncio.wait_for(task, 5)
+        gate.leave(running)
+
+    assert action.state == "cancelled"
+    assert action.error is not None and action.error["error"] == "cancelled before it started"
