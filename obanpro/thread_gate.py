@@ -139,17 +139,28 @@ class CpuLane:
         Raises:
             NotStarted: the process drains, and the job would have had to wait.
         """
+        woken = False
         while self.busy and gate.serial:
             if self.draining:
                 raise NotStarted
             waiter = asyncio.get_running_loop().create_future()
             entry = (gate, waiter)
-            self._waiting.append(entry)
+            # A job woken for its turn that found the lane taken keeps its place at the front.
+            if woken:
+                self._waiting.appendleft(entry)
+            else:
+                self._waiting.append(entry)
             try:
                 await waiter
+            except BaseException:
+                # Cancelled just after its wake-up: pass the turn on, or the lane would stay idle.
+                if waiter.done() and not waiter.cancelled() and not self.busy:
+                    self._wake(lambda _gate: True, first_only=True)
+                raise
             finally:
                 if entry in self._waiting:
                     self._waiting.remove(entry)
+            woken = True
 
         if not gate.serial:
             return False  # the queue turned out not to be CPU-bound while the job waited

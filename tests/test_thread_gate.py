@@ -267,3 +267,19 @@ async def test_waiting_job_cancelled_at_once() -> None:
 
     assert action.state == "cancelled"
     assert action.error is not None and action.error["error"] == "cancelled before it started"
+
+
+async def test_cancelled_wakeup_passes_turn_on() -> None:
+    lane = CpuLane()
+    gate = ThreadGate(lane)
+    first = await gate.enter()
+    woken = asyncio.create_task(gate.enter())
+    behind = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0.01)
+
+    gate.leave(first)  # wakes `woken` ...
+    woken.cancel()  # ... which is cancelled before it runs
+    thread = await asyncio.wait_for(behind, 1)
+    assert woken.cancelled()
+    assert lane.busy
+    gate.leave(thread)
