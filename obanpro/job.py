@@ -185,7 +185,7 @@ def encode_object(value: Any, field: str) -> str:
     except (TypeError, ValueError):
         text = None
 
-    if text is None or "\\u0000" in text or "\\ud" in text or not _keys_are_strings(value):
+    if text is None or "\\u0000" in text or "\\ud" in text or not _keys_are_strings(value, text):
         bad = find_unserializable(value, field)
         if bad:
             raise ValueError(f"invalid {field}: {bad}")
@@ -195,11 +195,16 @@ def encode_object(value: Any, field: str) -> str:
     return text
 
 
-def _keys_are_strings(value: Mapping[str, Any]) -> bool:
+def _keys_are_strings(value: Mapping[str, Any], text: str) -> bool:
     """Return False when a dict anywhere in ``value`` has a key that is not a string.
 
-    The JSON encoder turns such keys into strings silently, so they need this check.
+    The JSON encoder turns such keys into strings silently, so they need this
+    check. ``text`` is the encoded value: with no nested object or array in it,
+    only the top-level keys need a look.
     """
+    if text.find("{", 1) == -1 and "[" not in text:
+        return all(type(key) is str for key in value)
+
     pending: list[Any] = [value]
     while pending:
         item = pending.pop()

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC
 from typing import Any, ClassVar
 
 import asyncpg
@@ -257,13 +256,17 @@ class Oban:
 
         columns = _columns(batch)
         executor = conn if conn is not None else self._require_pool()
-        rows = await executor.fetch(self._insert_sql, *columns)
+        row = await executor.fetchrow(self._insert_sql, *columns)
 
-        for job, row in zip(batch, rows):
-            job.id = row["id"]
-            job.state = JobState(row["state"])
-            job.inserted_at = to_utc(row["inserted_at"])
-            job.scheduled_at = to_utc(row["scheduled_at"])
+        # The same rules as the statement's: scheduled_at defaults to its time,
+        # and a job due by then is available.
+        now = to_utc(row["now"])
+        for job, job_id in zip(batch, row["ids"]):
+            job.id = job_id
+            job.inserted_at = now
+            if job.scheduled_at is None:
+                job.scheduled_at = now
+            job.state = JobState.AVAILABLE if job.scheduled_at <= now else JobState.SCHEDULED
 
         return batch
 
@@ -434,7 +437,11 @@ def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
         tags.append(encode_json(job.tags) if job.tags else "[]")
         attempts.append(job.max_attempts)
         priorities.append(job.priority)
-        scheduled.append(None if job.scheduled_at is None else job.scheduled_at.astimezone(UTC).replace(tzinfo=None))
+        if job.scheduled_at is None:
+            scheduled.append(None)
+        else:
+            job.scheduled_at = to_utc(job.scheduled_at)  # a naive value set after construction counts as UTC
+            scheduled.append(job.scheduled_at.replace(tzinfo=None))
 
     return queues, workers, args, metas, tags, attempts, priorities, scheduled
 

@@ -52,6 +52,31 @@ async def test_enqueue_many_accepts_varargs(oban: Oban) -> None:
     assert all(job.id for job in jobs)
 
 
+async def test_enqueue_many_sets_fields_as_stored(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    now = datetime.now(UTC)
+    jobs = [
+        workers.Noop.new(),
+        workers.Noop.new(scheduled_at=now - timedelta(minutes=5)),
+        workers.Noop.new(scheduled_at=now + timedelta(minutes=5)),
+        workers.Noop.new(),
+    ]
+    jobs[3].scheduled_at = (now + timedelta(hours=2)).replace(tzinfo=None)  # naive, set after construction: UTC
+
+    await oban.enqueue_many(jobs)
+
+    rows = await conn.fetch(
+        f"SELECT id, state::text, inserted_at, scheduled_at FROM {prefix}.oban_jobs WHERE id = ANY($1) ORDER BY id",
+        [job.id for job in jobs],
+    )
+    assert [row["id"] for row in rows] == [job.id for job in jobs]
+    for job, row in zip(jobs, rows):
+        assert job.state == row["state"]
+        assert job.inserted_at == row["inserted_at"].replace(tzinfo=UTC)
+        assert job.scheduled_at == row["scheduled_at"].replace(tzinfo=UTC)
+    assert [job.state for job in jobs] == ["available", "available", "scheduled", "scheduled"]
+    assert jobs[0].scheduled_at == jobs[0].inserted_at
+
+
 async def test_schedule_in_makes_job_scheduled(oban: Oban) -> None:
     later = await workers.Noop.enqueue(schedule_in=60)
     at = await workers.Noop.enqueue(scheduled_at=datetime.now(UTC) + timedelta(hours=1))
@@ -72,6 +97,9 @@ async def test_schedule_in_makes_job_scheduled(oban: Oban) -> None:
         ({"outer": {"inner": {1, 2}}}, "args['outer']['inner'] (set is not JSON-serialisable)"),
         ({"nan": float("nan")}, "args['nan']"),
         ({1: "int key"}, "keys must be strings"),
+        ({"a": 1, 2: "second key"}, "keys must be strings"),
+        ({"rows": [{3: "nested"}]}, "keys must be strings"),
+        ({"text": "{[", 4: "after brackets in a string"}, "keys must be strings"),
     ],
 )
 async def test_bad_args_raise_and_insert_nothing(
