@@ -92,9 +92,11 @@ class Producer:
         runtime = self.runtime
 
         while not runtime.draining:
+            # asyncio.timeout wakes this task directly; wait_for would first run a task of its own.
             try:
-                await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
 
