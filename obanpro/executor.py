@@ -181,9 +181,10 @@ class Executor:
 
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
-        if gate is None or thread is None:
+        if thread is None:
             future = loop.run_in_executor(self._threads, context.run, instance.process, job)
         else:
+            assert gate is not None  # a thread comes only from a gate
             try:
                 future = loop.run_in_executor(self._threads, context.run, _in_thread, thread, instance.process, job)
             except BaseException:

@@ -200,10 +200,10 @@ class Producer:
         if remaining is not None:
             demand = min(demand, remaining)
 
-        # Leaving free slots to the siblings: wake them when more are free than
-        # at the last such call, not at every check, or two limited processes
-        # would wake each other back and forth, each wake taking the GIL from a
-        # job thread.
+        # A limited producer leaves free slots to its siblings. It wakes them only
+        # when more slots are free than at its last check, because two limited
+        # processes would otherwise wake each other back and forth, and each wake
+        # takes the GIL from a job thread.
         self.limited = demand <= 0 and self.held < limit
         if self.limited:
             free = runtime.slots.counts(self.queue_index)[0]

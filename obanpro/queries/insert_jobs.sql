@@ -4,7 +4,7 @@
 -- scheduled_at of rows given none, so the caller sets the other fields itself
 -- instead of decoding a row per job. Available jobs notify their queue once
 -- per statement; the notification is delivered on commit, so a rolled-back
--- insert notifies nobody. The payload never carries args, because PostgreSQL
+-- insert notifies no listener. The payload never carries args, because PostgreSQL
 -- caps a notification at 8000 bytes.
 WITH inserted AS (
     INSERT INTO {prefix}.oban_jobs
