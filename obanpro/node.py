@@ -8,6 +8,7 @@ node's slot table, which every worker process reads without a round trip.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -117,6 +118,7 @@ class NodeServices:
         self.services: list[Service] = []
         self.leader: Leader | None = None
         """The node's leader election, once started; its ``is_leader`` gates the leader duties."""
+        self.signals: SignalListener | None = None
 
     async def start(self) -> None:
         context = self.context
@@ -125,11 +127,12 @@ class NodeServices:
         self.leader = Leader(
             context.pool, context.prefix, name=context.name, node=context.node, dsn=context.dsn, enabled=context.leadership
         )
+        self.signals = SignalListener(context)
         producer_max_age = options.get("refresher", {}).get("max_age", 60.0)
         self.services = [
             self.leader,
             Stager(context.pool, context.prefix, context.running_queues, **context.options.get("stager", {})),
-            SignalListener(context),
+            self.signals,
             Scheduler(context.pool, context.prefix, name=context.name, leader=self.leader, **options.get("scheduler", {})),
             Pruner(context.pool, context.prefix, leader=self.leader, **options.get("pruner", {})),
             Lifeline(
@@ -155,6 +158,16 @@ class NodeServices:
             service.start()
 
         log.debug("node %s services started in pid %s", context.node, os.getpid())
+
+    async def wait_listening(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the signal listener; return whether it listens."""
+        if self.signals is None:
+            return False
+        try:
+            await asyncio.wait_for(self.signals.listening.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         for service in reversed(self.services):

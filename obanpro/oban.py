@@ -28,6 +28,8 @@ from .node import NodeContext, NodeServices, check_options
 log = logging.getLogger(__name__)
 
 DEFAULT_NAME = "Oban"
+SIGNALS_READY_TIMEOUT = 5.0
+"""How long `Oban.start` waits for the signal listener before it goes on without it."""
 
 
 class Oban:
@@ -225,6 +227,16 @@ class Oban:
             await self._runtime.stop()
             self._runtime = None
             raise
+
+        # A pkill or scale signal sent by another process after start returns
+        # must reach this node, and PostgreSQL delivers a notification only to
+        # connections that already listen.
+        if not await self._services.wait_listening(SIGNALS_READY_TIMEOUT):
+            log.warning(
+                "node %s is not listening for signals after %.0f s; signals sent before it connects are lost",
+                self.node,
+                SIGNALS_READY_TIMEOUT,
+            )
 
     def _add_queue(self, request: Mapping[str, Any]) -> None:
         table = self._runtime.slots
