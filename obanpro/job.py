@@ -107,6 +107,9 @@ def normalize_tags(tags: Any) -> list[str]:
     if isinstance(tags, str) or not isinstance(tags, (list, tuple, set, frozenset)):
         raise TypeError(f"invalid tags {tags!r}: expected a list of strings")
 
+    if not tags:
+        return []
+
     return sorted({str(tag).strip().lower() for tag in tags if tag is not None and str(tag).strip()})
 
 
@@ -169,7 +172,7 @@ encode_json = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 def encode_object(value: Any, field: str) -> str:
     """Encode a JSON object field (args or meta), naming the offending key on failure."""
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise ValueError(
             f"invalid {field} {value!r}: expected a JSON object (a dict with string keys)"
         )
@@ -297,7 +300,7 @@ class Job:
             scheduled_at = schedule_time(schedule_in)
 
         self.id = id
-        self.state = JobState(state)
+        self.state = state if type(state) is JobState else JobState(state)
         self.queue = queue
         self.worker = worker
         self.attempt = attempt
@@ -327,11 +330,11 @@ class Job:
         _check_int("max_attempts", self.max_attempts, 1, 32_767)
         _check_int("attempt", self.attempt, 0, 32_767)
 
-        if not isinstance(self.args, Mapping):
+        if type(self.args) is not dict and not isinstance(self.args, Mapping):
             raise ValueError(
                 f"invalid args {self.args!r}: expected a JSON object (a dict with string keys)"
             )
-        if not isinstance(self.meta, Mapping):
+        if type(self.meta) is not dict and not isinstance(self.meta, Mapping):
             raise ValueError(
                 f"invalid meta {self.meta!r}: expected a JSON object (a dict with string keys)"
             )
@@ -411,6 +414,10 @@ _PERSISTED = (
 
 
 def _check_name(field: str, value: Any) -> None:
+    # The usual case first: every job passes here twice, at construction and at insert.
+    if type(value) is str and 0 < len(value) <= MAX_NAME_LENGTH and not value.isspace():
+        return
+
     if not isinstance(value, str):
         raise TypeError(f"invalid {field} {value!r}: expected a string")
 
@@ -425,6 +432,9 @@ def _check_name(field: str, value: Any) -> None:
 
 
 def _check_int(field: str, value: Any, low: int, high: int) -> None:
+    if type(value) is int and low <= value <= high:
+        return
+
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"invalid {field} {value!r}: expected an integer")
 
