@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from obanpro import oban as oban_module
 from obanpro.oban import Oban
 from obanpro.notifier import channel_name
 
@@ -15,7 +16,14 @@ from . import workers
 from .conftest import job_states
 
 
-async def test_enqueue_returns_inserted_job(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+@pytest.fixture(params=["insert", "copy"])
+def insert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once through each way a batch is written: INSERT ... SELECT unnest, and COPY."""
+    monkeypatch.setattr(oban_module, "COPY_MIN_BATCH", 1 if request.param == "copy" else 1_000_000)
+    return request.param
+
+
+async def test_enqueue_returns_inserted_job(oban: Oban, conn: asyncpg.Connection, prefix: str, insert_path: str) -> None:
     job = await workers.Noop.enqueue({"a": 1}, priority=3, tags=["B", " a ", "b", ""], meta={"m": True}, max_attempts=7)
 
     row = await conn.fetchrow(f"SELECT * FROM {prefix}.oban_jobs WHERE id = $1", job.id)
@@ -30,16 +38,20 @@ async def test_enqueue_returns_inserted_job(oban: Oban, conn: asyncpg.Connection
     assert job.inserted_at.tzinfo is not None
 
 
-async def test_enqueue_many_uses_one_statement(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+@pytest.mark.parametrize(("count", "inserts", "reservations"), [(150, 1, 0), (2_000, 0, 1)], ids=["insert", "copy"])
+async def test_enqueue_many_writes_one_batch(
+    oban: Oban, conn: asyncpg.Connection, prefix: str, count: int, inserts: int, reservations: int
+) -> None:
     statements: list[str] = []
 
     async with oban.pool.acquire() as pooled:
         pooled.add_query_logger(lambda record: statements.append(record.query))
-        jobs = await oban.enqueue_many([workers.Noop.new({"i": i}) for i in range(2_000)], conn=pooled)
+        jobs = await oban.enqueue_many([workers.Noop.new({"i": i}) for i in range(count)], conn=pooled)
 
-    inserts = [statement for statement in statements if "oban_jobs" in statement]
-    assert len(inserts) == 1
-    assert [job.args["i"] for job in jobs] == list(range(2_000))
+    # A COPY does not reach the query logger, but the statement that reserves its ids does.
+    assert sum(f"INSERT INTO {prefix}.oban_jobs" in statement for statement in statements) == inserts
+    assert sum("nextval" in statement for statement in statements) == reservations
+    assert [job.args["i"] for job in jobs] == list(range(count))
     assert [job.id for job in jobs] == sorted(job.id for job in jobs)
     rows = await conn.fetch(f"SELECT id, args->>'i' AS i FROM {prefix}.oban_jobs ORDER BY id")
     assert [(row["id"], int(row["i"])) for row in rows] == [(job.id, job.args["i"]) for job in jobs]
@@ -52,7 +64,7 @@ async def test_enqueue_many_accepts_varargs(oban: Oban) -> None:
     assert all(job.id for job in jobs)
 
 
-async def test_enqueue_many_sets_fields_as_stored(oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+async def test_enqueue_many_sets_fields_as_stored(oban: Oban, conn: asyncpg.Connection, prefix: str, insert_path: str) -> None:
     now = datetime.now(UTC)
     jobs = [
         workers.Noop.new(),
@@ -103,7 +115,7 @@ async def test_schedule_in_makes_job_scheduled(oban: Oban) -> None:
     ],
 )
 async def test_bad_args_raise_and_insert_nothing(
-    oban: Oban, conn: asyncpg.Connection, prefix: str, args: object, fragment: str
+    oban: Oban, conn: asyncpg.Connection, prefix: str, args: object, fragment: str, insert_path: str
 ) -> None:
     good = workers.Noop.new({"ok": True})
     bad = workers.Noop.new()
@@ -123,7 +135,11 @@ async def test_bad_args_raise_and_insert_nothing(
         ("priority", -1, ValueError),
         ("priority", "1", TypeError),
         ("max_attempts", 0, ValueError),
+        ("priority", True, TypeError),
+        ("max_attempts", 2.0, TypeError),
         ("queue", "", ValueError),
+        ("queue", " \t ", ValueError),
+        ("queue", 7, TypeError),
         ("queue", "q" * 128, ValueError),
         ("tags", "one", TypeError),
     ],
@@ -133,7 +149,7 @@ def test_invalid_field_names_it(field: str, value: object, error: type[Exception
         workers.Noop.new({}, **{field: value})
 
 
-async def test_rollback_leaves_no_job_and_no_notification(oban: Oban, dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+async def test_rollback_leaves_no_job_and_no_notification(oban: Oban, dsn: str, prefix: str, conn: asyncpg.Connection, insert_path: str) -> None:
     received: list[str] = []
     listener = await asyncpg.connect(dsn)
     await listener.add_listener(channel_name(prefix, "insert"), lambda *args: received.append(args[3]))
@@ -153,7 +169,7 @@ async def test_rollback_leaves_no_job_and_no_notification(oban: Oban, dsn: str, 
         await listener.close()
 
 
-async def test_commit_notifies_each_queue_once(oban: Oban, dsn: str, prefix: str) -> None:
+async def test_commit_notifies_each_queue_once(oban: Oban, dsn: str, prefix: str, insert_path: str) -> None:
     received: list[str] = []
     listener = await asyncpg.connect(dsn)
     await listener.add_listener(channel_name(prefix, "insert"), lambda *args: received.append(args[3]))

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from obanpro import schema
-from obanpro.oban import Oban
+from obanpro.oban import COPY_MIN_BATCH, Oban
 
 from . import workers
 from .conftest import wait_for
@@ -188,13 +188,16 @@ async def test_oban_py_schema_is_accepted(dsn: str, conn: asyncpg.Connection, fo
 
 
 async def _run_failing_and_passing_jobs(dsn: str, conn: asyncpg.Connection, prefix: str) -> None:
-    async with Oban(dsn=dsn, prefix=prefix, queues={"default": 2}):
+    async with Oban(dsn=dsn, prefix=prefix, queues={"default": 2}) as oban:
         passing = await workers.Noop.enqueue()
         failing = await workers.Fail.enqueue({"note": "compat"}, max_attempts=1)
+        # A batch this large is written with COPY, which has to fit the foreign table too.
+        batch = await oban.enqueue_many([workers.Noop.new({"i": i}, tags=["Bulk"]) for i in range(COPY_MIN_BATCH)])
+        expected = {passing.id: "completed", failing.id: "discarded", **{job.id: "completed" for job in batch}}
 
         async def settled() -> bool:
             states = await conn.fetch(f"SELECT id, state::text FROM {prefix}.oban_jobs")
-            return {row["id"]: row["state"] for row in states} == {passing.id: "completed", failing.id: "discarded"}
+            return {row["id"]: row["state"] for row in states} == expected
 
         await wait_for(settled)
 

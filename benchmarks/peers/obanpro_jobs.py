@@ -46,7 +46,7 @@ PENDING = "state IN ('available', 'scheduled', 'executing', 'retryable')"
 
 
 class Adapter:
-    bulk_api = "Oban.enqueue_many (one INSERT ... SELECT unnest per batch)"
+    bulk_api = "Oban.enqueue_many (one COPY per batch)"
     one_api = "Worker.enqueue"
 
     def __init__(self, options) -> None:
