@@ -214,12 +214,16 @@ class Runtime:
             )
 
         # An ack in flight when draining began may still start the jobs it
-        # fetched, so wait until nothing runs rather than for a snapshot.
-        while self._unfinished() and time.monotonic() < deadline:
-            await asyncio.wait(self._unfinished(), timeout=max(0.0, deadline - time.monotonic()))
+        # fetched, even while the flush below waits for it, so wait until
+        # nothing runs and nothing is left to store rather than for a snapshot.
+        while True:
+            while self._unfinished() and time.monotonic() < deadline:
+                await asyncio.wait(self._unfinished(), timeout=max(0.0, deadline - time.monotonic()))
 
-        flushed = await self._acker.flush(max(0.1, deadline + ACK_MARGIN - time.monotonic()))
-        unfinished = self._unfinished()
+            flushed = await self._acker.flush(max(0.1, deadline + ACK_MARGIN - time.monotonic()))
+            unfinished = self._unfinished()
+            if not unfinished or not flushed or time.monotonic() >= deadline:
+                break
         if unfinished:
             log.warning(
                 "pid %s stops with %d jobs still running after the %.1f s grace period: %s; they are left for rescue",

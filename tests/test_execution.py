@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -9,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from obanpro import erlang_term
+from obanpro import acker, erlang_term
 from obanpro.backoff import MAX_BACKOFF, clamp_backoff, default_backoff
 from obanpro.oban import Oban
 
@@ -201,6 +203,36 @@ async def test_stop_flushes_acks(dsn: str, prefix: str, conn: asyncpg.Connection
     await oban.stop()
 
     assert await _count_completed(conn, prefix, 20)
+
+
+async def test_stop_runs_jobs_fetched_by_ack_in_flight(
+    dsn: str, prefix: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ack of the first job also fetches the second. Holding that statement
+    # until the node drains makes the second job start after the drain began.
+    in_flight = asyncio.Event()
+    original = acker._acquire
+
+    @contextlib.asynccontextmanager
+    async def slow_acquire(pool: asyncpg.Pool):
+        async with original(pool) as pooled:
+            in_flight.set()
+            await asyncio.sleep(0.5)
+            yield pooled
+
+    monkeypatch.setattr(acker, "_acquire", slow_acquire)
+    oban = Oban(dsn=dsn, prefix=prefix, queues={"default": 1}, grace_period=5)
+    await oban.start()
+    first, second = await oban.enqueue_many([workers.Sleep.new({"seconds": 0.05}) for _ in range(2)])
+    await asyncio.wait_for(in_flight.wait(), 10)
+
+    await oban.stop()
+
+    rows = await conn.fetch(f"SELECT id, state::text, attempt FROM {prefix}.oban_jobs ORDER BY id")
+    assert [(row["id"], row["state"], row["attempt"]) for row in rows] == [
+        (first.id, "completed", 1),
+        (second.id, "completed", 1),
+    ]
 
 
 async def _executing(conn: asyncpg.Connection, prefix: str, expected: int) -> bool:
