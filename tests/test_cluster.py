@@ -162,6 +162,22 @@ async def test_three_nodes_run_each_job_once(
         )
 
 
+async def _describe_repeats(
+    conn: asyncpg.Connection, prefix: str, by_job: dict[int, list[asyncpg.Record]], nodes: list[Node]
+) -> str:
+    """Return the runs, errors and node log lines of every job that ran more than once."""
+    lines = []
+    for job_id, job_runs in by_job.items():
+        if len(job_runs) < 2:
+            continue
+        errors = await conn.fetchval(f"SELECT to_jsonb(errors)::text FROM {prefix}.oban_jobs WHERE id = $1", job_id)
+        lines.append(f"job {job_id}: errors {errors}")
+        lines.extend(f"  run {dict(run)}" for run in job_runs)
+        for node in nodes:
+            lines.extend(f"  {node.log_path.name}: {line}" for line in node.output().splitlines() if str(job_id) in line)
+    return f"{len(lines)} lines on jobs that ran more than once across drained restarts:\n" + "\n".join(lines)
+
+
 def _check_no_traceback(node: Node) -> None:
     output = node.output()
     assert "Traceback" not in output, output[max(0, output.index("Traceback") - 2_000) :][:6_000]
@@ -202,11 +218,13 @@ async def test_restarting_nodes_lose_no_job(
     await _enqueue(conn, prefix, "tests.workers.Tracked", total, {"seconds": 0.1})
 
     restarts = 0
+    stopped: list[Node] = []
     try:
         for name in (*NODES, NODES[0], NODES[1]):
             # Restart under load: wait until this node is running jobs, then stop it gracefully.
             await wait_for(lambda name=name: _executing_on(conn, prefix, name), timeout=60)
             node = nodes[name]
+            stopped.append(node)
             node.signal(signal.SIGTERM)
             assert await asyncio.to_thread(node.wait, 60) == 0
             _check_no_traceback(node)
@@ -218,7 +236,9 @@ async def test_restarting_nodes_lose_no_job(
         await sampler.stop()
 
     assert await _count(conn, prefix, "worker = 'tests.workers.Tracked' AND state <> 'completed'") == 0
-    runs = await conn.fetch(f"SELECT job_id, attempt, started_at, finished_at FROM {prefix}.test_runs ORDER BY job_id, started_at")
+    runs = await conn.fetch(
+        f"SELECT job_id, attempt, node, pid, started_at, finished_at FROM {prefix}.test_runs ORDER BY job_id, started_at"
+    )
     by_job: dict[int, list[asyncpg.Record]] = {}
     for run in runs:
         by_job.setdefault(run["job_id"], []).append(run)
@@ -234,7 +254,7 @@ async def test_restarting_nodes_lose_no_job(
             )
     repeated = sum(1 for job_runs in by_job.values() if len(job_runs) > 1)
     if grace > 1:
-        assert repeated == 0, f"{repeated} jobs ran more than once across drained restarts"
+        assert repeated == 0, await _describe_repeats(conn, prefix, by_job, [*stopped, *nodes.values()])
 
     peaks = _check_samples(sampler)
     cron_minutes = await _check_cron(conn, prefix)
