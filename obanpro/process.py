@@ -28,19 +28,40 @@ _PR_SET_PDEATHSIG = 1
 _libc = None
 
 
-def set_parent_death_signal(signum: int) -> bool:
-    """Ask Linux to send ``signum`` to this process when its parent dies; return False elsewhere."""
+def _load_libc() -> ctypes.CDLL:
     global _libc
-
-    if not sys.platform.startswith("linux"):
-        return False
 
     if _libc is None:
         # The process's own symbols include libc's; `ctypes.util.find_library`
         # would run `ldconfig -p` in every forked process.
         _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
-    return _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies; return False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+
+    return _load_libc().prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system with glibc's ``malloc_trim``; return False without glibc.
+
+    glibc keeps freed memory inside its heaps, so a long-running process that
+    allocates in bursts (rows, JSON, job threads) grows in resident size while
+    its live objects do not.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+
+    trim = getattr(_load_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+
+    trim(0)
+    return True
 
 
 def signal_name(signum: int) -> str:

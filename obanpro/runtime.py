@@ -31,6 +31,7 @@ from .db import create_pool, session_settings
 from .executor import AckAction, Executor
 from .job import Job
 from .notifier import Notifier
+from .process import release_free_memory
 from .producer import Producer
 from .thread_gate import CpuLane, sample_gates
 from .worker import lookup
@@ -42,6 +43,8 @@ ACK_MARGIN = 3.0
 supervisor's kill margin so the process still exits by itself."""
 MONITOR_INTERVAL = 0.05
 HEARTBEAT_INTERVAL = 1.0
+TRIM_INTERVAL = 60.0
+"""Seconds between returns of free C heap pages to the system, in worker processes only."""
 CPU_BUSY_FRACTION = 0.6
 """Share of one core above which a process counts as saturated with CPU work (an estimate:
 a CPU-bound process measured 0.6 to 1.0 here, with PostgreSQL on the same cores)."""
@@ -106,6 +109,7 @@ class Runtime:
         # The producers' uuids derive from the worker record's, which is what the supervisor rescues by.
         self.uuid = worker_uuid or uuid.UUID(bytes=slots.worker(worker_index)["uuid"])
         self.supervised = supervised
+        self._trimmed_at = time.monotonic()
         self.draining = False
         self.recycle_reason: str | None = None
         self.finished = asyncio.Event()
@@ -472,6 +476,11 @@ class Runtime:
                 self._heartbeat()
 
     def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if self.supervised and now - self._trimmed_at >= TRIM_INTERVAL:
+            self._trimmed_at = now
+            release_free_memory()
+
         rss = resident_bytes()
         self.slots.heartbeat(self.worker_index, rss, self._cpu_busy)
 
