@@ -16,12 +16,12 @@ def test_release_free_memory_shrinks_resident_size() -> None:
     # allocator. Keeping every 64th one pins the heap, so free() alone gives
     # back almost nothing of the rest.
     blocks = [bytes(4_000) for _ in range(20_000)]
-    kept = blocks[::64]
+    pinned = blocks[::64]
     del blocks
     before = resident_bytes()
 
     assert release_free_memory()
 
     after = resident_bytes()
-    assert len(kept) == 313
+    assert len(pinned) == 313
     assert before - after > 40 * 1024 * 1024, f"resident size went from {before} to {after} bytes"
