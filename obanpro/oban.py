@@ -21,7 +21,7 @@ import asyncpg
 from . import control, queries, schema, slots, testing
 from .config import parse_queues
 from .db import create_pool
-from .job import Job, JobState, encode_json, encode_object, to_utc
+from .job import Job, JobState, encode_json, encode_object, normalize_tags, to_utc
 from .runtime import Runtime
 from .node import NodeContext, NodeServices, check_options
 
@@ -319,6 +319,7 @@ class Oban:
         encoded = []
         for job in batch:
             job.validate()
+            job.tags = normalize_tags(job.tags)
             scheduled = None if job.scheduled_at is None else to_utc(job.scheduled_at).replace(tzinfo=None)
             encoded.append((encode_object(job.args, "args"), encode_object(job.meta, "meta"), scheduled))
 
@@ -550,6 +551,8 @@ def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
         workers.append(job.worker)
         args.append(encode_object(job.args, "args"))
         metas.append(encode_object(job.meta, "meta"))
+        # Tags set after construction are normalised here, as the constructor does.
+        job.tags = normalize_tags(job.tags)
         tags.append(encode_json(job.tags) if job.tags else "[]")
         attempts.append(job.max_attempts)
         priorities.append(job.priority)

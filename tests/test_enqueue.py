@@ -89,6 +89,16 @@ async def test_enqueue_many_sets_fields_as_stored(oban: Oban, conn: asyncpg.Conn
     assert jobs[0].scheduled_at == jobs[0].inserted_at
 
 
+async def test_tags_set_later_are_normalised(oban: Oban, conn: asyncpg.Connection, prefix: str, insert_path: str) -> None:
+    job = workers.Noop.new()
+    job.tags = ["Beta", 7, " alpha ", "beta"]
+
+    await oban.enqueue_many([job])
+
+    assert job.tags == ["7", "alpha", "beta"]
+    assert await conn.fetchval(f"SELECT tags FROM {prefix}.oban_jobs WHERE id = $1", job.id) == ["7", "alpha", "beta"]
+
+
 async def test_schedule_in_makes_job_scheduled(oban: Oban) -> None:
     later = await workers.Noop.enqueue(schedule_in=60)
     at = await workers.Noop.enqueue(scheduled_at=datetime.now(UTC) + timedelta(hours=1))
