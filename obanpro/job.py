@@ -90,6 +90,17 @@ def to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def scheduled_utc(value: Any) -> datetime:
+    """Return a ``scheduled_at`` value as an aware UTC datetime, raising TypeError or ValueError that name the field."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"invalid scheduled_at {value!r}: expected a datetime")
+
+    try:
+        return to_utc(value)
+    except OverflowError:
+        raise ValueError(f"invalid scheduled_at {value!r}: out of range once converted to UTC") from None
+
+
 def schedule_time(schedule_in: timedelta | int | float) -> datetime:
     if isinstance(schedule_in, timedelta):
         return utc_now() + schedule_in
@@ -110,7 +121,12 @@ def normalize_tags(tags: Any) -> list[str]:
     if not tags:
         return []
 
-    return sorted({str(tag).strip().lower() for tag in tags if tag is not None and str(tag).strip()})
+    normalized = sorted({str(tag).strip().lower() for tag in tags if tag is not None and str(tag).strip()})
+    for tag in normalized:
+        problem = _string_problem(tag, f"tag {tag!r}")
+        if problem:
+            raise ValueError(f"invalid tags: {problem}")
+    return normalized
 
 
 def find_unserializable(value: Any, path: str = "args") -> str | None:
@@ -151,12 +167,12 @@ def find_unserializable(value: Any, path: str = "args") -> str | None:
 
 
 def _string_problem(value: str, path: str) -> str | None:
-    """Name what PostgreSQL's jsonb rejects in a string: NUL, or a surrogate without its pair."""
+    """Name what PostgreSQL rejects in a text or jsonb string: NUL, or a surrogate without its pair."""
     if value.isascii():
-        return f"{path} (contains the NUL character, which jsonb cannot store)" if "\x00" in value else None
+        return f"{path} (contains the NUL character, which PostgreSQL cannot store)" if "\x00" in value else None
 
     if "\x00" in value:
-        return f"{path} (contains the NUL character, which jsonb cannot store)"
+        return f"{path} (contains the NUL character, which PostgreSQL cannot store)"
 
     try:
         value.encode("utf-8")
@@ -312,7 +328,7 @@ class Job:
         self.tags = normalize_tags([] if tags is None else tags)
         self.attempted_by = [] if attempted_by is None else attempted_by
         self.inserted_at = inserted_at
-        self.scheduled_at = None if scheduled_at is None else to_utc(scheduled_at)
+        self.scheduled_at = None if scheduled_at is None else scheduled_utc(scheduled_at)
         self.attempted_at = attempted_at
         self.cancelled_at = cancelled_at
         self.completed_at = completed_at
@@ -349,7 +365,7 @@ class Job:
             elif key == "tags":
                 self.tags = normalize_tags(value)
             elif key == "scheduled_at":
-                self.scheduled_at = to_utc(value)
+                self.scheduled_at = scheduled_utc(value)
             elif key in _UPDATABLE:
                 setattr(self, key, value)
             else:
@@ -415,7 +431,13 @@ _PERSISTED = (
 
 def _check_name(field: str, value: Any) -> None:
     # The usual case first: every job passes here twice, at construction and at insert.
-    if type(value) is str and 0 < len(value) <= MAX_NAME_LENGTH and not value.isspace():
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and value.isascii()
+        and "\x00" not in value
+        and not value.isspace()
+    ):
         return
 
     if not isinstance(value, str):
@@ -429,6 +451,10 @@ def _check_name(field: str, value: Any) -> None:
             f"invalid {field} {value[:40]!r}...: {len(value)} characters, "
             f"the maximum is {MAX_NAME_LENGTH}"
         )
+
+    problem = _string_problem(value, f"{field} {value!r}")
+    if problem:
+        raise ValueError(f"invalid {problem}")
 
 
 def _check_int(field: str, value: Any, low: int, high: int) -> None:

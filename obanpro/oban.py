@@ -21,7 +21,7 @@ import asyncpg
 from . import control, queries, schema, slots, testing
 from .config import parse_queues
 from .db import create_pool
-from .job import Job, JobState, encode_json, encode_object, normalize_tags, to_utc
+from .job import Job, JobState, encode_json, encode_object, normalize_tags, scheduled_utc, to_utc
 from .runtime import Runtime
 from .node import NodeContext, NodeServices, check_options
 
@@ -320,7 +320,7 @@ class Oban:
         for job in batch:
             job.validate()
             job.tags = normalize_tags(job.tags)
-            scheduled = None if job.scheduled_at is None else to_utc(job.scheduled_at).replace(tzinfo=None)
+            scheduled = None if job.scheduled_at is None else scheduled_utc(job.scheduled_at).replace(tzinfo=None)
             encoded.append((encode_object(job.args, "args"), encode_object(job.meta, "meta"), scheduled))
 
         row = await executor.fetchrow(_RESERVE_IDS_SQL, sequence, len(batch))
@@ -559,7 +559,7 @@ def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
         if job.scheduled_at is None:
             scheduled.append(None)
         else:
-            job.scheduled_at = to_utc(job.scheduled_at)  # a naive value set after construction counts as UTC
+            job.scheduled_at = scheduled_utc(job.scheduled_at)  # a naive value set after construction counts as UTC
             scheduled.append(job.scheduled_at.replace(tzinfo=None))
 
     return queues, workers, args, metas, tags, attempts, priorities, scheduled

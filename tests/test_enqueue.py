@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -152,11 +152,33 @@ async def test_bad_args_raise_and_insert_nothing(
         ("queue", 7, TypeError),
         ("queue", "q" * 128, ValueError),
         ("tags", "one", TypeError),
+        ("queue", "mail\x00", ValueError),
+        ("queue", "mail\ud800", ValueError),
+        ("tags", ["a\x00b"], ValueError),
+        ("tags", ["\udc00"], ValueError),
+        ("scheduled_at", "2030-01-01", TypeError),
+        ("scheduled_at", datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))), ValueError),
     ],
 )
 def test_invalid_field_names_it(field: str, value: object, error: type[Exception]) -> None:
     with pytest.raises(error, match=field):
         workers.Noop.new({}, **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("queue", "q\x00"), ("worker", "w\udfff"), ("tags", ["ok", "bad\x00"]), ("scheduled_at", "tomorrow")],
+)
+async def test_bad_field_set_later_raises_at_insert(
+    oban: Oban, conn: asyncpg.Connection, prefix: str, insert_path: str, field: str, value: object
+) -> None:
+    jobs = [workers.Noop.new({"i": i}) for i in range(3)]
+    setattr(jobs[1], field, value)
+
+    with pytest.raises((TypeError, ValueError), match=f"invalid {field}"):
+        await oban.enqueue_many(jobs)
+
+    assert await job_states(conn, prefix) == {}
 
 
 async def test_rollback_leaves_no_job_and_no_notification(oban: Oban, dsn: str, prefix: str, conn: asyncpg.Connection, insert_path: str) -> None:
