@@ -116,8 +116,10 @@ def start(config_path: str | None, data_dir: str | None, dry_run: bool, **flags:
     running after it are made retryable. A second Ctrl-C exits at once.
     """
     from . import log as log_setup
+    from . import process
     from .supervisor import SetupError, Supervisor, load_hook
 
+    process.defer_stop_signal()
     config = _load(config_path, flags)
     log_setup.configure(config.log_level, config.log_format)
 

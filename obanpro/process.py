@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import sys
+from typing import Any
 
 EXIT_OK = 0
 EXIT_CRASHED = 1
@@ -79,6 +80,25 @@ def describe_status(status: int) -> tuple[str, int | None, int | None]:
 
     code = os.waitstatus_to_exitcode(status)
     return f"exited with code {code}", code, None
+
+
+_early_stops: list[int] = []
+
+
+def defer_stop_signal() -> Any:
+    """Record SIGTERM instead of dying by it until the supervisor installs its handlers; return the previous handler.
+
+    Loading the settings, importing the worker modules and checking the
+    database come before the supervisor, and a stop request sent meanwhile
+    should end the node cleanly, not kill it.
+    """
+    _early_stops.clear()
+    return signal.signal(signal.SIGTERM, lambda signum, _frame: _early_stops.append(signum))
+
+
+def stop_requested_early() -> bool:
+    """Return whether a SIGTERM arrived while `defer_stop_signal` was in effect."""
+    return bool(_early_stops)
 
 
 FORK_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})

@@ -142,6 +142,9 @@ class Supervisor:
 
         try:
             self._wake_pipes = [_nonblocking_pipe() for _ in self._workers]
+            if process.stop_requested_early():
+                log.info("node %s received SIGTERM while starting; stopping before any process starts", self.config.node)
+                return self.exit_code
             log.info(
                 "node %s starting %d worker processes for queues %s (slot table %s)",
                 self.config.node,
@@ -717,11 +720,26 @@ def run(
     keyword options are `Config` fields (prefix, node, imports, grace_period,
     max_jobs_per_process, max_memory_per_process, pool sizes).
     """
-    from . import config as config_module
-    from .embedded import resolve_dsn
-
     if _loop_running():
         raise RuntimeError("obanpro.run blocks and forks processes: call it from a script, not from async code")
+
+    previous = process.defer_stop_signal()
+    try:
+        return _run(queues, processes, setup, teardown, dsn, options)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(
+    queues: dict[str, Any] | str,
+    processes: int | None,
+    setup: str | None,
+    teardown: str | None,
+    dsn: str | None,
+    options: dict[str, Any],
+) -> int:
+    from . import config as config_module
+    from .embedded import resolve_dsn
 
     flags = {"queues": queues, "processes": processes, "setup": setup, "teardown": teardown, **options}
     config = config_module.load(flags=flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -123,6 +124,23 @@ async def test_sigterm_lets_running_jobs_finish(start_node, oban: Oban, conn: as
 
     assert node.wait(30) == 0
     assert await _count(conn, prefix, "completed", 3)
+
+
+async def test_sigterm_while_starting_exits_0(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
+    job = await workers.Noop.enqueue()
+    node = start_node(
+        "start", "--import", "tests.slow_import", "--import", "tests.workers", "-q", "default:5", "-p", "1",
+        env={"OBANPRO_TEST_IMPORT_DELAY": "3"},
+    )
+    await asyncio.sleep(1.0)
+
+    node.signal(signal.SIGTERM)
+
+    assert node.wait(30) == 0
+    assert "received SIGTERM while starting" in node.output()
+    assert "starting 1 worker processes" not in node.output()
+    assert await _count(conn, prefix, "available", 1)
+    assert await conn.fetchval(f"SELECT attempt FROM {prefix}.oban_jobs WHERE id = $1", job.id) == 0
 
 
 async def test_jobs_past_grace_period_are_retried(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
