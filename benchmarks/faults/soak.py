@@ -85,14 +85,19 @@ class Series:
         hours = (steady[-1][0] - steady[0][0]) / 3600
         slope = _slope(steady) * 3600 / scale if hours else 0.0
         rise = (high - first) / first if first else 0.0
-        held = rise <= TOLERANCE
-        verdict = "GREW" if not held else "flat" if abs(growth) <= TOLERANCE and spread <= TOLERANCE else "fell"
+        no_growth = rise <= TOLERANCE
+        if not no_growth:
+            verdict = "GREW"
+        elif abs(growth) <= TOLERANCE and spread <= TOLERANCE:
+            verdict = "flat"
+        else:
+            verdict = "fell"
         line = (
             f"{self.name}: first {first / scale:.1f} {unit}, last {last / scale:.1f}, "
             f"min {low / scale:.1f}, max {high / scale:.1f}, change {growth:+.1%}, range {spread:.1%}, "
             f"trend {slope:+.2f} {unit}/h -> {verdict}"
         )
-        return line, held
+        return line, no_growth
 
 
 def _slope(samples: list[tuple[float, float]]) -> float:
