@@ -745,9 +745,10 @@ def render(result: dict, plot_path: Path) -> str:
     out.append(
         table(["target", "from", "measured here (median, min–max)", "verdict"], body)
     )
-    out.append(
-        "\nWhy the missed ones miss is in [What the figures say](#what-the-figures-say).\n"
-    )
+    if any("missed" in row[3] for row in body):
+        out.append(
+            "\nWhy the missed ones miss is in [What the figures say](#what-the-figures-say).\n"
+        )
 
     out.append(
         f"\n![Scaling curve and peer comparison]({plot_path.relative_to(ROOT).as_posix()})\n"
