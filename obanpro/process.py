@@ -97,8 +97,10 @@ def defer_stop_signal() -> Any:
 
 
 def stop_requested_early() -> bool:
-    """Return whether a SIGTERM arrived while `defer_stop_signal` was in effect."""
-    return bool(_early_stops)
+    """Return whether a SIGTERM arrived while `defer_stop_signal` was in effect, and forget it."""
+    requested = bool(_early_stops)
+    _early_stops.clear()
+    return requested
 
 
 FORK_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
