@@ -233,7 +233,7 @@ class Leader:
         if self._notifier is not None or self._dsn is None:
             return
 
-        notifier = Notifier(self._dsn, self._prefix, {"leader": self._on_notification})
+        notifier = Notifier(self._dsn, self._prefix, {"leader": self.on_notification})
         try:
             await notifier.start()
         except (*CONNECTION_ERRORS, asyncpg.PostgresError) as error:
@@ -242,7 +242,12 @@ class Leader:
 
         self._notifier = notifier
 
-    def _on_notification(self, _channel: str, payload: dict[str, Any]) -> None:
+    def on_notification(self, _channel: str, payload: dict[str, Any]) -> None:
+        """Wake the election on a message from another node on the leader channel.
+
+        A node's own LISTEN connection may carry the channel instead of this
+        instance's, when it was created without ``dsn``.
+        """
         # Any message on the channel may mean the lease is free; oban-py and
         # Elixir nodes send other shapes too, so the payload is not checked.
         if payload.get("node") != self.identity:

@@ -124,10 +124,10 @@ class NodeServices:
         context = self.context
         options = context.options
         # The leader starts first and stops last, so it resigns after the duties that need it.
-        self.leader = Leader(
-            context.pool, context.prefix, name=context.name, node=context.node, dsn=context.dsn, enabled=context.leadership
-        )
-        self.signals = SignalListener(context)
+        # The leader's channel shares the signal listener's connection, so a
+        # node opens one LISTEN connection for both.
+        self.leader = Leader(context.pool, context.prefix, name=context.name, node=context.node, enabled=context.leadership)
+        self.signals = SignalListener(context, channels={"leader": self.leader.on_notification})
         producer_max_age = options.get("refresher", {}).get("max_age", 60.0)
         self.services = [
             self.leader,

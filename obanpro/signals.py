@@ -31,7 +31,7 @@ from . import _core
 from .db import CONNECTION_ERRORS, Backoff
 from .dsn import describe_dsn
 from .job import MAX_NAME_LENGTH
-from .notifier import Notifier
+from .notifier import Callback, Notifier
 
 if TYPE_CHECKING:
     from .node import NodeContext
@@ -251,12 +251,13 @@ class SignalListener:
     node; the notifier reconnects by itself.
     """
 
-    def __init__(self, context: NodeContext) -> None:
+    def __init__(self, context: NodeContext, channels: Mapping[str, Callback] | None = None) -> None:
         self.context = context
         self.control = QueueControl(context)
         self.listening = asyncio.Event()
         self.applied = 0
-        self._notifier = Notifier(context.dsn, context.prefix, {"signal": self._on_signal})
+        # Other channels the node listens on share this connection.
+        self._notifier = Notifier(context.dsn, context.prefix, {"signal": self._on_signal, **(channels or {})})
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

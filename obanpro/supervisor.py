@@ -768,8 +768,9 @@ def preflight(dsn: str, prefix: str, config: Config | None = None) -> None:
 
 def connections_needed(config: Config) -> int:
     """Estimate the connections a node opens: per worker one fetch, up to two ack and one LISTEN
-    connection plus the job-code pool's minimum, and five for the duties process."""
-    return config.processes * (4 + config.pool_min_size) + 5
+    connection plus the job-code pool's minimum, and four for the duties process (a pool of up
+    to three and one LISTEN connection)."""
+    return config.processes * (4 + config.pool_min_size) + 4
 
 
 def _loop_running() -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from obanpro import telemetry
 from obanpro.leader import Leader, make_identity
+from obanpro.oban import Oban
 
 from .conftest import wait_for
 
@@ -211,6 +212,32 @@ async def test_resignation_elects_follower(
 
     # Without the notification the follower would wait its full 30 s interval.
     await wait_for(lambda: second.is_leader, timeout=5.0)
+
+
+async def test_node_hears_resignation_on_signal_connection(dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+    # A node's leader has no LISTEN connection of its own: the leader channel
+    # shares the signal listener's, which Oban.start waits for.
+    first = Oban(dsn=dsn, prefix=prefix, node="web-1", queues={"default": 1})
+    second = Oban(dsn=dsn, prefix=prefix, node="web-2", queues={"default": 1})
+    await first.start()
+    try:
+        await wait_for(lambda: first.is_leader)
+        # An idle connection shows its last statement; the workers' own LISTEN is on oban_insert.
+        node_listeners = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND query NOT LIKE '%oban_insert%'",
+            f'LISTEN "{prefix}.oban_%',
+        )
+        assert node_listeners == 1
+        await second.start()
+        assert second.is_leader is False
+
+        await first.stop()
+
+        # Without the notification the follower would wait its full 30 s interval.
+        await wait_for(lambda: second.is_leader, timeout=5.0)
+    finally:
+        await first.stop()
+        await second.stop()
 
 
 async def test_disabled_leader_never_leads(pool: asyncpg.Pool, prefix: str, leaders: list[Leader], conn) -> None:
