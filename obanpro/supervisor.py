@@ -33,7 +33,7 @@ from typing import Any
 
 from . import _core, process, slots
 from .config import Config
-from .process import EXIT_MEANINGS, EXIT_OK, EXIT_RECYCLED, EXIT_SETUP_FAILED, describe_status
+from .process import EXIT_MEANINGS, EXIT_OK, EXIT_RECYCLED, EXIT_SETUP_FAILED, EXIT_START_FAILED, describe_status
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,12 @@ class Supervisor:
         child.pid = 0
 
         if child.kind == "worker":
+            state = self.segment.table.worker_state(child.index)
+            if code is not None and not _exit_code_confirmed(code, state, child.stopping):
+                # A job ended the process with a code of its own (os._exit). That
+                # is a crash, whatever the code means when obanpro exits with it.
+                code = None
+                cause += " while running jobs, not at obanpro's request (a job may have called os._exit)"
             self._on_worker_exit(child, pid, cause, code, signum)
         else:
             level = logging.ERROR
@@ -771,6 +777,23 @@ def connections_needed(config: Config) -> int:
     connection plus the job-code pool's minimum, and four for the duties process (a pool of up
     to three and one LISTEN connection)."""
     return config.processes * (4 + config.pool_min_size) + 4
+
+
+def _exit_code_confirmed(code: int, state: int, stopping: bool) -> bool:
+    """Return whether a worker's exit ``code`` means what obanpro uses it for, judged by the state it reached.
+
+    Jobs can end their process with any code. So a code counts as a failed
+    setup or start only before the process ran jobs, and as a recycle only
+    after it began to drain. It counts as a clean stop only when the process
+    drained or was asked to stop.
+    """
+    if code in (EXIT_SETUP_FAILED, EXIT_START_FAILED):
+        return state == _core.WORKER_STARTING
+    if code == EXIT_RECYCLED:
+        return state == _core.WORKER_DRAINING
+    if code == EXIT_OK:
+        return stopping or state in (_core.WORKER_DRAINING, _core.WORKER_EXITING)
+    return True
 
 
 def _loop_running() -> bool:

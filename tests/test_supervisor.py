@@ -130,6 +130,27 @@ async def test_job_that_kills_its_process_is_discarded(start_node, oban: Oban, c
     node.stop()
 
 
+@pytest.mark.parametrize("code", [0, 3, 4, 5])
+async def test_job_exit_code_is_a_crash(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str, code: int) -> None:
+    # obanpro's worker processes exit with these codes themselves: a clean
+    # stop, a failed setup hook, a recycle and a failed start.
+    node = start_node("start", "--import", "tests.workers", "-q", "default:1", "-p", "2")
+    job = await workers.KillSelf.enqueue({"how": "exit", "code": code}, max_attempts=1)
+    after = await workers.Noop.enqueue(schedule_in=1)
+
+    await wait_for(lambda: _job_in(conn, prefix, after.id, "completed"), timeout=30)
+
+    row = await conn.fetchrow(f"SELECT state::text, errors FROM {prefix}.oban_jobs WHERE id = $1", job.id)
+    assert row["state"] == "discarded"
+    error = json.loads(row["errors"])[0]["error"]
+    assert f"exited with code {code} while running jobs" in error
+    assert "setup hook" not in error
+    assert node.process.poll() is None
+    assert "stopping node" not in node.output()
+    assert "recycled" not in node.output()
+    assert node.stop() == 0
+
+
 async def test_killed_supervisor_takes_workers_down(start_node, conn: asyncpg.Connection, prefix: str) -> None:
     node = start_node("start", "--import", "tests.workers", "-q", "default:2", "-p", "2")
     segment = await _table(node)
@@ -414,3 +435,7 @@ async def test_status_reads_running_node(start_node, dsn: str, prefix: str, oban
     assert report["jobs"]["default"]["executing"] == 3
     node.kill()
     segment.close()
+
+
+async def _job_in(conn: asyncpg.Connection, prefix: str, job_id: int, state: str) -> bool:
+    return await conn.fetchval(f"SELECT state::text FROM {prefix}.oban_jobs WHERE id = $1", job_id) == state

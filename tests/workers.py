@@ -109,7 +109,7 @@ class KillSelf:
     def process(self, job):
         how = job.args.get("how", "exit")
         if how == "exit":
-            os._exit(7)
+            os._exit(job.args.get("code", 7))
         if how == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if how == "segfault":
