@@ -41,6 +41,10 @@ class JobTimeoutError(TimeoutError):
     """Raised into a job's record when it ran past its timeout."""
 
 
+class InvalidArgsError(TypeError):
+    """Raised for a row whose args are not a JSON object: no attempt can succeed, so the job is discarded."""
+
+
 class JobCancelledError(Exception):
     """Recorded when a running job was cancelled through `cancel_job`."""
 
@@ -158,7 +162,7 @@ class Executor:
 
     def _check_args(self, job: Job) -> None:
         if not isinstance(job.args, dict):
-            raise TypeError(
+            raise InvalidArgsError(
                 f"invalid args for job {job.id}: expected a JSON object, got {type(job.args).__name__} "
                 f"{str(job.args)[:200]}"
             )
@@ -212,7 +216,7 @@ class Executor:
 
         if isinstance(result, BaseException):
             message = tb or repr(result)
-            if job.attempt >= job.max_attempts:
+            if job.attempt >= job.max_attempts or isinstance(result, InvalidArgsError):
                 return AckAction(job, entry, "discarded", error=error_entry(job, message))
 
             return AckAction(

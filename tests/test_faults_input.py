@@ -71,7 +71,7 @@ async def test_non_object_args_fail_without_harm(start_node, conn: asyncpg.Conne
     good = await _insert(conn, prefix, "tests.workers.Noop")
 
     for kind, job_id in bad.items():
-        row = await _settled(conn, prefix, job_id, ("retryable",))
+        row = await _settled(conn, prefix, job_id, ("discarded",))
         errors = json.loads(row["errors"])
         assert row["attempt"] == 1
         assert len(errors) == 1
