@@ -241,6 +241,15 @@ class Supervisor:
                     self.config.grace_period,
                 )
                 self.shutdown()
+            else:
+                left = max(0.0, self._shutdown_at + self.config.grace_period - time.monotonic())
+                log.info(
+                    "received %s again: node %s is already stopping, with %.1f s of its grace period left; "
+                    "a second Ctrl-C (SIGINT) stops it now",
+                    process.signal_name(signum),
+                    self.config.node,
+                    left,
+                )
 
     def shutdown(self, exit_code: int | None = None) -> None:
         """Stop intake and ask every worker to finish its running jobs within the grace period."""
@@ -533,7 +542,9 @@ class Supervisor:
             return
 
         message = f"worker process {pid} {cause}"
-        if timed_out:
+        if self._forced:
+            message += " when a second interrupt stopped the node"
+        elif timed_out:
             message += f" after job {', '.join(map(str, timed_out))} timed out"
         elif code in EXIT_MEANINGS and code != EXIT_RECYCLED:
             message += f" ({EXIT_MEANINGS[code]})"
@@ -560,6 +571,10 @@ class Supervisor:
             hint = f" because job {', '.join(map(str, timed_out))} ran past its timeout"
 
         running = f"; rescuing its jobs {', '.join(map(str, jobs))}" if jobs else ""
+        if self._forced:
+            # The second interrupt asked for these kills; they are no crash.
+            log.warning("worker process %s (pid %s) %s on the second interrupt%s", child.index, pid, cause, running)
+            return
         log.error("worker process %s (pid %s) %s%s%s", child.index, pid, cause, hint, running)
 
     def _respawn_due(self) -> None:

@@ -121,9 +121,12 @@ async def test_sigterm_lets_running_jobs_finish(start_node, oban: Oban, conn: as
     await wait_for(lambda: _count(conn, prefix, "executing", 3), timeout=30)
 
     node.signal(signal.SIGTERM)
+    await wait_for(lambda: "stopping intake" in node.output(), timeout=10)
+    node.signal(signal.SIGTERM)
 
     assert node.wait(30) == 0
     assert await _count(conn, prefix, "completed", 3)
+    assert "received SIGTERM again: node" in node.output()
 
 
 async def test_sigterm_while_starting_exits_0(start_node, oban: Oban, conn: asyncpg.Connection, prefix: str) -> None:
@@ -170,7 +173,9 @@ async def test_second_interrupt_exits_at_once(start_node, oban: Oban, conn: asyn
     assert "second interrupt" in node.output()
     row = await conn.fetchrow(f"SELECT state::text, errors FROM {prefix}.oban_jobs WHERE id = $1", job_id)
     assert row["state"] == "retryable"
-    assert "was killed by SIGKILL" in json.loads(row["errors"])[-1]["error"]
+    error = json.loads(row["errors"])[-1]["error"]
+    assert "was killed by SIGKILL" in error
+    assert "when a second interrupt stopped the node" in error
 
 
 async def _count(conn: asyncpg.Connection, prefix: str, state: str, expected: int) -> bool:
