@@ -26,6 +26,7 @@ import asyncpg
 from . import _core, queries
 from .job import Job, encode_object
 from .notifier import channel_name, encode_payload
+from .refresher import DEFAULT_MAX_AGE as PRODUCER_MAX_AGE
 from .rescue import producer_uuids
 from .signals import (
     QueueControl,
@@ -161,14 +162,21 @@ def check_all_queues(oban: Oban) -> list[QueueInfo]:
 # Jobs by id, for any caller
 
 
-async def cancel_jobs(executor: Queryable, prefix: str, ids: Sequence[int]) -> tuple[int, list[int]]:
-    """Cancel the jobs that have not started; return (jobs cancelled or executing, ids of executing ones).
+async def cancel_jobs(
+    executor: Queryable, prefix: str, ids: Sequence[int], producer_max_age: float = PRODUCER_MAX_AGE
+) -> tuple[int, list[int], list[int]]:
+    """Cancel the jobs that have not started; return (jobs cancelled or executing, executing ids, orphaned ids).
 
-    Executing jobs are left unchanged: send them pkill signals (`pkill_payloads`).
+    Executing jobs attempted more than ``producer_max_age`` seconds ago whose
+    producer row is missing or older than that run nowhere, so they are
+    cancelled too and come back as orphaned. The other executing jobs are left unchanged. Send
+    every executing job a pkill signal (`pkill_payloads`): a producer whose row
+    is late may still run one.
     """
-    rows = await executor.fetch(queries.load("cancel_jobs", prefix), list(ids))
+    rows = await executor.fetch(queries.load("cancel_jobs", prefix), list(ids), float(producer_max_age))
     executing = [row[0] for row in rows if row[1] == "executing"]
-    return len(rows), executing
+    orphaned = [row[0] for row in rows if row[2]]
+    return len(rows), executing, orphaned
 
 
 def pkill_payloads(job_ids: Iterable[int]) -> list[dict[str, Any]]:
@@ -276,7 +284,8 @@ async def cancel_many(oban: Oban, jobs: Iterable[Job | int]) -> int:
         return 0
 
     pool = _pool(oban)
-    count, executing = await cancel_jobs(pool, oban.prefix, ids)
+    max_age = oban._service_options["refresher"].get("max_age", PRODUCER_MAX_AGE)
+    count, executing, _orphaned = await cancel_jobs(pool, oban.prefix, ids, max_age)
 
     # Jobs running in this process are stopped at once; the others get a signal.
     local = local_control(oban)

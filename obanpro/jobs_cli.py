@@ -22,6 +22,7 @@ import click
 from . import control, erlang_term, queries
 from .cli import _common, _fail, _load, _resolve, jobs
 from .job import Job, JobState
+from .refresher import DEFAULT_MAX_AGE as PRODUCER_MAX_AGE
 
 BATCH_SIZE = 5_000
 """Jobs changed per statement by retry and cancel, so no statement locks a whole table's rows."""
@@ -139,13 +140,15 @@ async def _retry(conn: asyncpg.Connection, prefix: str, ids: list[int]) -> dict[
 
 async def _cancel(conn: asyncpg.Connection, prefix: str, ids: list[int]) -> dict[str, Any]:
     count = 0
-    executing: list[int] = []
+    signalled: list[int] = []
+    orphaned: list[int] = []
     for start in range(0, len(ids), BATCH_SIZE):
-        batch_count, batch_executing = await control.cancel_jobs(conn, prefix, ids[start : start + BATCH_SIZE])
+        batch_count, batch_executing, batch_orphaned = await control.cancel_jobs(conn, prefix, ids[start : start + BATCH_SIZE])
         count += batch_count
-        executing += batch_executing
+        signalled += [job_id for job_id in batch_executing if job_id not in batch_orphaned]
+        orphaned += batch_orphaned
         await control.send_signals(conn, prefix, control.pkill_payloads(batch_executing))
-    return {"cancelled": count, "signalled": executing}
+    return {"cancelled": count, "signalled": signalled, "orphaned": orphaned}
 
 
 def _change(
@@ -208,7 +211,7 @@ def _report(action: str, result: dict[str, Any] | None, as_json: bool) -> None:
         sys.exit(1)
 
     if as_json:
-        empty = {"retried": []} if action == "retry" else {"cancelled": 0, "signalled": []}
+        empty = {"retried": []} if action == "retry" else {"cancelled": 0, "signalled": [], "orphaned": []}
         click.echo(json.dumps(result or empty))
         return
 
@@ -217,8 +220,13 @@ def _report(action: str, result: dict[str, Any] | None, as_json: bool) -> None:
     elif action == "retry":
         click.echo(f"retried {len(result['retried'])} jobs")
     else:
-        waiting = result["cancelled"] - len(result["signalled"])
+        waiting = result["cancelled"] - len(result["signalled"]) - len(result["orphaned"])
         click.echo(f"cancelled {waiting} {'job' if waiting == 1 else 'jobs'} that had not started")
+        if result["orphaned"]:
+            click.echo(
+                f"cancelled jobs {_short(result['orphaned'])}, left executing by a node that stopped "
+                f"without storing their results (no producer heartbeat for {PRODUCER_MAX_AGE:.0f} s)"
+            )
         if result["signalled"]:
             click.echo(
                 f"asked the nodes running jobs {_short(result['signalled'])} to stop them: async jobs stop at once, "

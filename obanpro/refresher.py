@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
+DEFAULT_MAX_AGE = 60.0
+"""Seconds without a heartbeat after which a producer row is stale, unless configured otherwise."""
 
 ProducerRows = dict[str, tuple[str, dict[str, Any]]]
 """Producer uuid to (queue, meta)."""
@@ -109,7 +111,7 @@ class Refresher:
         table: _core.SlotTable,
         leader: Leader | None = None,
         interval: float = 15.0,
-        max_age: float = 60.0,
+        max_age: float = DEFAULT_MAX_AGE,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self.interval = _positive("interval", interval)

@@ -177,8 +177,23 @@ async def test_cancel_stops_executing_job(dsn: str, prefix: str, conn: asyncpg.C
         result = jobs_cli(dsn, prefix, "cancel", str(job.id), "--yes", "--json")
 
         assert result.returncode == 0, result.stderr
-        assert json.loads(result.stdout) == {"cancelled": 1, "signalled": [job.id]}
+        assert json.loads(result.stdout) == {"cancelled": 1, "signalled": [job.id], "orphaned": []}
         await wait_for(lambda: _is(conn, prefix, job.id, "cancelled"), timeout=10)
+
+
+async def test_cancel_ends_job_no_node_runs(dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+    # As after a killed node: executing, by a producer whose row is gone.
+    job_id = await conn.fetchval(
+        f"INSERT INTO {prefix}.oban_jobs (state, queue, worker, args, attempt, attempted_at, attempted_by) "
+        "VALUES ('executing', 'default', 'tests.workers.Noop', '{}', 1, timezone('UTC', now()) - interval '5 minutes', "
+        "ARRAY['gone-node', '00000000-0000-0000-0000-000000000001']) RETURNING id"
+    )
+
+    result = jobs_cli(dsn, prefix, "cancel", str(job_id), "--yes")
+
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled jobs {job_id}, left executing by a node that stopped" in result.stdout
+    assert await _state(conn, prefix, job_id) == "cancelled"
 
 
 async def _is(conn: asyncpg.Connection, prefix: str, job_id: int, state: str) -> bool:
