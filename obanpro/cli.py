@@ -245,14 +245,27 @@ def _import_modules(modules: list[str]) -> None:
         try:
             importlib.import_module(module)
         except Exception as error:  # noqa: BLE001 - any failure in user code stops the start
-            _fail(f"cannot import worker module {module!r}: {error!r}{_where(error)}")
+            hint = ""
+            if isinstance(error, ModuleNotFoundError) and error.name and f"{module}.".startswith(f"{error.name}."):
+                hint = "; check the name, and that its directory is the working directory or on PYTHONPATH"
+            _fail(f"cannot import worker module {module!r}: {error!r}{_where(error)}{hint}")
 
 
 def _where(error: BaseException) -> str:
-    """Return ' at <file>, line <n>' for the innermost frame of ``error``, or ''."""
-    frames = traceback.extract_tb(error.__traceback__)
+    """Return ' at <file>, line <n>' for the innermost frame of ``error`` in the user's code, or ''.
+
+    Frames of the import machinery and of obanpro itself are skipped, so a
+    decorator that rejects a class points at the class, not at obanpro.
+    """
     if isinstance(error, SyntaxError) and error.filename:
         return f" at {error.filename}, line {error.lineno}"
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<") and not os.path.abspath(frame.filename).startswith(package)
+    ]
     if not frames:
         return ""
     return f" at {frames[-1].filename}, line {frames[-1].lineno}"

@@ -96,7 +96,8 @@ async def _main(
         try:
             await setup()
         except Exception as error:
-            log.error("setup hook %s failed in worker process %s (pid %s): %r", config.setup, index, pid, error)
+            # With the traceback, as for the teardown hook: the error alone does not say where it came from.
+            log.exception("setup hook %s failed in worker process %s (pid %s): %r", config.setup, index, pid, error)
             return EXIT_SETUP_FAILED
 
     oban = Oban(

@@ -73,6 +73,16 @@ def test_unimportable_module_is_named(dsn: str) -> None:
 
     assert result.returncode == 1
     assert "cannot import worker module 'tests.no_such_module'" in result.stderr
+    assert "on PYTHONPATH" in result.stderr
+    assert "<frozen" not in result.stderr
+
+
+def test_worker_without_process_points_at_class(dsn: str) -> None:
+    result = run_cli("start", "-q", "default:1", "--dsn", dsn, "--import", "tests.bad_worker_module")
+
+    assert result.returncode == 1
+    assert "cannot import worker module 'tests.bad_worker_module'" in result.stderr
+    assert "tests/bad_worker_module.py, line 6" in result.stderr
 
 
 def test_dry_run_prints_plan(dsn: str) -> None:

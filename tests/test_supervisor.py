@@ -237,6 +237,7 @@ async def test_failing_setup_stops_node(start_node) -> None:
     assert code != 0
     assert "setup hook tests.workers.failing_setup failed" in output
     assert "model file missing" in output
+    assert 'tests/workers.py", line' in output
     assert output.count("obanpro.worker_process: setup hook tests.workers.failing_setup failed") <= 2
     assert output.count("stopping node") == 1
     assert "restarting worker process" not in output
