@@ -12,11 +12,13 @@ import json
 import time
 from typing import Any
 
+import asyncpg
 import click
 
 from . import _core, slots
 from .config import Config
 from .dsn import describe_dsn
+from .refresher import DEFAULT_MAX_AGE as PRODUCER_MAX_AGE
 
 WORKER_STATES = {
     _core.WORKER_EMPTY: "empty",
@@ -75,18 +77,39 @@ def snapshot(table: _core.SlotTable, segment_name: str) -> dict[str, Any]:
 
 
 async def job_counts(dsn: str, prefix: str) -> dict[str, dict[str, int]]:
+    counts, _orphans = await _job_report(dsn, prefix)
+    return counts
+
+
+async def _job_report(dsn: str, prefix: str) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Return the job counts per queue and state, and per node the executing jobs that no live producer runs."""
     from .preflight import connect
 
     conn = await connect(dsn)
     try:
         rows = await conn.fetch(f"SELECT queue, state::text, count(*) FROM {prefix}.oban_jobs GROUP BY 1, 2 ORDER BY 1, 2")
+        orphans = await conn.fetch(
+            f"""
+            SELECT coalesce(j.attempted_by[1], '?') AS node, count(*)
+            FROM {prefix}.oban_jobs j
+            WHERE j.state = 'executing'
+              AND j.attempted_at < timezone('UTC', now()) - make_interval(secs => $1)
+              AND NOT EXISTS (
+                  SELECT 1 FROM {prefix}.oban_producers p
+                  WHERE p.uuid::text = j.attempted_by[2]
+                    AND p.updated_at > timezone('UTC', now()) - make_interval(secs => $1)
+              )
+            GROUP BY 1 ORDER BY 1
+            """,
+            PRODUCER_MAX_AGE,
+        )
     finally:
         await conn.close()
 
     counts: dict[str, dict[str, int]] = {}
     for queue, state, count in rows:
         counts.setdefault(queue, {})[state] = count
-    return counts
+    return counts, {row["node"]: row["count"] for row in orphans}
 
 
 def show(config: Config, *, data_dir: str | None, node: str | None, as_json: bool) -> int:
@@ -118,7 +141,15 @@ def _database_part(config: Config, data_dir: str | None) -> dict[str, Any]:
         return {"database": None, "jobs": None, "database_error": str(error)}
 
     try:
-        return {"database": describe_dsn(dsn), "jobs": asyncio.run(job_counts(dsn, config.prefix))}
+        counts, orphans = asyncio.run(_job_report(dsn, config.prefix))
+        return {"database": describe_dsn(dsn), "jobs": counts, "orphaned": orphans}
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError):
+        return {
+            "database": describe_dsn(dsn),
+            "jobs": None,
+            "database_error": f"schema {config.prefix} has no Oban tables; create them with "
+            f"`obanpro install --prefix {config.prefix}`",
+        }
     except (DatabaseUnavailableError, OSError) as error:
         return {"database": describe_dsn(dsn), "jobs": None, "database_error": str(error)}
     except Exception as error:  # noqa: BLE001 - status still shows the processes when the query fails
@@ -159,5 +190,13 @@ def _print_text(report: dict[str, Any]) -> None:
             click.echo("  none")
         for queue, states in report["jobs"].items():
             click.echo(f"  {queue:<20} " + ", ".join(f"{state} {count}" for state, count in states.items()))
+        for node, count in report.get("orphaned", {}).items():
+            click.echo(
+                f"{count} executing {'job' if count == 1 else 'jobs'} of node {node} {'has' if count == 1 else 'have'} "
+                "had no live producer "
+                f"for {PRODUCER_MAX_AGE:.0f} s: the node stopped without storing their results. The next "
+                f"`obanpro start --node {node}` rescues them at once; otherwise the leader's lifeline makes "
+                "them retryable after its rescue_after (300 s by default)."
+            )
     elif report.get("database_error"):
         click.echo(f"job counts unavailable: {report['database_error']}")

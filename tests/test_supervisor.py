@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from obanpro import erlang_term, slots
 from obanpro.oban import Oban
 
 from . import workers
-from .conftest import Node, wait_for
+from .conftest import ROOT, Node, wait_for
 
 
 async def _table(node: Node) -> slots.Segment:
@@ -407,11 +409,6 @@ async def test_recycled_workers_lose_no_job(start_node, oban: Oban, conn: asyncp
 
 
 async def test_status_reads_running_node(start_node, dsn: str, prefix: str, oban: Oban) -> None:
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
     node = start_node("start", "--import", "tests.workers", "-q", "default:4", "-p", "2", "--node", "status-node")
     segment = await _table(node)
     await _workers(segment, 2)
@@ -434,8 +431,36 @@ async def test_status_reads_running_node(start_node, dsn: str, prefix: str, oban
     assert status["queues"][0]["running"] == 3
     assert status["queues"][0]["limit"] == 4
     assert report["jobs"]["default"]["executing"] == 3
+    assert report["orphaned"] == {}
     node.kill()
     segment.close()
+
+
+def _status(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "obanpro", "status", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_status_explains_jobs_no_node_runs(dsn: str, prefix: str, conn: asyncpg.Connection) -> None:
+    # As after a killed node: executing for 5 minutes, by a producer whose row is gone.
+    await conn.execute(
+        f"INSERT INTO {prefix}.oban_jobs (state, queue, worker, args, attempt, attempted_at, attempted_by) "
+        "VALUES ('executing', 'default', 'tests.workers.Noop', '{}', 1, timezone('UTC', now()) - interval '5 minutes', "
+        "ARRAY['gone-node', '00000000-0000-0000-0000-000000000001'])"
+    )
+
+    result = _status("--dsn", dsn, "--prefix", prefix)
+
+    assert "1 executing job of node gone-node has had no live producer" in result.stdout
+    assert "obanpro start --node gone-node" in result.stdout
+
+
+def test_status_names_install_for_missing_tables(dsn: str) -> None:
+    result = _status("--dsn", dsn, "--prefix", "no_tables_here")
+
+    assert "schema no_tables_here has no Oban tables" in result.stdout
+    assert "obanpro install --prefix no_tables_here" in result.stdout
 
 
 async def _job_in(conn: asyncpg.Connection, prefix: str, job_id: int, state: str) -> bool:
