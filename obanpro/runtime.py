@@ -360,8 +360,10 @@ class Runtime:
                 producer.held -= 1
                 woken.add(producer)
 
-        self._jobs_run += len(batch)
-        self.slots.add_jobs_run(self.worker_index, len(batch))
+        # Jobs handed back unstarted at a drain did not run here.
+        ran = sum(1 for action in batch if not (action.state == "available" and action.attempt_change < 0))
+        self._jobs_run += ran
+        self.slots.add_jobs_run(self.worker_index, ran)
 
         for producer, job, entry in placed:
             self.start_job(producer, job, entry)
