@@ -298,6 +298,14 @@ def _from_text(key: str, raw: str, variable: str) -> Any:
     if key == "imports":
         return [item.strip() for item in raw.split(",") if item.strip()]
 
+    if key == "queues":
+        # Checked here, where the error can name the variable the spec came from.
+        try:
+            parse_queues(raw)
+        except ConfigError as error:
+            raise ConfigError(f"invalid {variable}: {error}") from None
+        return raw
+
     if key in _INT_FIELDS:
         try:
             return int(raw)

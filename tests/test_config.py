@@ -82,6 +82,7 @@ def test_environment_lists_and_numbers(tmp_path: Path) -> None:
     [
         ({"OBAN_PRO_PROCESSES": "many"}, "invalid OBAN_PRO_PROCESSES='many': expected an integer"),
         ({"OBAN_PRO_PROCESSES": "0"}, "invalid processes 0"),
+        ({"OBAN_QUEUES": "default:abc"}, "invalid OBAN_QUEUES: invalid queue spec 'default:abc'"),
         ({"OBAN_PREFIX": "Bad-Name"}, "invalid prefix 'Bad-Name'"),
         ({"OBAN_LOG_LEVEL": "loud"}, "invalid log_level 'loud'"),
         ({"OBAN_POOL_MIN_SIZE": "5", "OBAN_POOL_MAX_SIZE": "2"}, "pool_min_size 5 is above pool_max_size 2"),
