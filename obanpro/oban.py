@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, ClassVar
 
 import asyncpg
@@ -316,12 +317,7 @@ class Oban:
                 return await self._copy_batch(executor, batch, sequence)
 
         # Every job is checked and encoded before any statement runs, as on the INSERT path.
-        encoded = []
-        for job in batch:
-            job.validate()
-            job.tags = normalize_tags(job.tags)
-            scheduled = None if job.scheduled_at is None else scheduled_utc(job.scheduled_at).replace(tzinfo=None)
-            encoded.append((encode_object(job.args, "args"), encode_object(job.meta, "meta"), scheduled))
+        encoded = [_prepare(job) for job in batch]
 
         row = await executor.fetchrow(_RESERVE_IDS_SQL, sequence, len(batch))
         now = row["now"]
@@ -542,25 +538,34 @@ SELECT array(SELECT nextval($1::regclass) FROM generate_series(1, $2)) AS ids, t
 """
 
 
+def _prepare(job: Job) -> tuple[str, str, datetime | None]:
+    """Check ``job``; return its encoded args and meta and its naive UTC ``scheduled_at``, for either insert path.
+
+    Fields may have changed since construction, so the tags are normalised
+    again and a naive ``scheduled_at`` counts as UTC.
+    """
+    job.validate()
+    job.tags = normalize_tags(job.tags)
+    scheduled = None
+    if job.scheduled_at is not None:
+        job.scheduled_at = scheduled_utc(job.scheduled_at)
+        scheduled = job.scheduled_at.replace(tzinfo=None)
+    return encode_object(job.args, "args"), encode_object(job.meta, "meta"), scheduled
+
+
 def _columns(batch: list[Job]) -> tuple[list[Any], ...]:
     queues, workers, args, metas, tags, attempts, priorities, scheduled = [], [], [], [], [], [], [], []
 
     for job in batch:
-        job.validate()
+        job_args, job_meta, job_scheduled = _prepare(job)
         queues.append(job.queue)
         workers.append(job.worker)
-        args.append(encode_object(job.args, "args"))
-        metas.append(encode_object(job.meta, "meta"))
-        # Tags set after construction are normalised here, as the constructor does.
-        job.tags = normalize_tags(job.tags)
+        args.append(job_args)
+        metas.append(job_meta)
         tags.append(encode_json(job.tags) if job.tags else "[]")
         attempts.append(job.max_attempts)
         priorities.append(job.priority)
-        if job.scheduled_at is None:
-            scheduled.append(None)
-        else:
-            job.scheduled_at = scheduled_utc(job.scheduled_at)  # a naive value set after construction counts as UTC
-            scheduled.append(job.scheduled_at.replace(tzinfo=None))
+        scheduled.append(job_scheduled)
 
     return queues, workers, args, metas, tags, attempts, priorities, scheduled
 
