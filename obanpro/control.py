@@ -169,9 +169,9 @@ async def cancel_jobs(
 
     Executing jobs attempted more than ``producer_max_age`` seconds ago whose
     producer row is missing or older than that run nowhere, so they are
-    cancelled too and come back as orphaned. The other executing jobs are left unchanged. Send
-    every executing job a pkill signal (`pkill_payloads`): a producer whose row
-    is late may still run one.
+    cancelled too and come back as orphaned. The other executing jobs are left
+    unchanged. Send every executing job a pkill signal (`pkill_payloads`),
+    because a producer whose row is late may still run one.
     """
     rows = await executor.fetch(queries.load("cancel_jobs", prefix), list(ids), float(producer_max_age))
     executing = [row[0] for row in rows if row[1] == "executing"]

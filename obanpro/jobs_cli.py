@@ -145,7 +145,8 @@ async def _cancel(conn: asyncpg.Connection, prefix: str, ids: list[int]) -> dict
     for start in range(0, len(ids), BATCH_SIZE):
         batch_count, batch_executing, batch_orphaned = await control.cancel_jobs(conn, prefix, ids[start : start + BATCH_SIZE])
         count += batch_count
-        signalled += [job_id for job_id in batch_executing if job_id not in batch_orphaned]
+        orphaned_set = set(batch_orphaned)
+        signalled += [job_id for job_id in batch_executing if job_id not in orphaned_set]
         orphaned += batch_orphaned
         await control.send_signals(conn, prefix, control.pkill_payloads(batch_executing))
     return {"cancelled": count, "signalled": signalled, "orphaned": orphaned}

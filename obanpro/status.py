@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import click
 
-from . import _core, slots
+from . import _core, queries, slots
 from .config import Config
 from .dsn import describe_dsn
 from .refresher import DEFAULT_MAX_AGE as PRODUCER_MAX_AGE
@@ -88,21 +88,7 @@ async def _job_report(dsn: str, prefix: str) -> tuple[dict[str, dict[str, int]],
     conn = await connect(dsn)
     try:
         rows = await conn.fetch(f"SELECT queue, state::text, count(*) FROM {prefix}.oban_jobs GROUP BY 1, 2 ORDER BY 1, 2")
-        orphans = await conn.fetch(
-            f"""
-            SELECT coalesce(j.attempted_by[1], '?') AS node, count(*)
-            FROM {prefix}.oban_jobs j
-            WHERE j.state = 'executing'
-              AND j.attempted_at < timezone('UTC', now()) - make_interval(secs => $1)
-              AND NOT EXISTS (
-                  SELECT 1 FROM {prefix}.oban_producers p
-                  WHERE p.uuid::text = j.attempted_by[2]
-                    AND p.updated_at > timezone('UTC', now()) - make_interval(secs => $1)
-              )
-            GROUP BY 1 ORDER BY 1
-            """,
-            PRODUCER_MAX_AGE,
-        )
+        orphans = await conn.fetch(queries.load("count_orphaned_jobs", prefix), PRODUCER_MAX_AGE)
     finally:
         await conn.close()
 

@@ -80,7 +80,7 @@ class JobThread:
 
     def __init__(self, in_lane: bool) -> None:
         self.in_lane = in_lane
-        """True when the job holds its process's CPU lane."""
+        """True when the job has its process's CPU lane."""
         self._reader: Callable[[], float | None] | None = None
         self._last = 0.0
         """Clock value at the last reading."""
@@ -134,7 +134,7 @@ class CpuLane:
         self._waiting: deque[tuple[ThreadGate, asyncio.Future[None]]] = deque()
 
     async def acquire(self, gate: ThreadGate) -> bool:
-        """Wait for the lane while ``gate``'s queue is CPU-bound; return True when the job holds it.
+        """Wait for the lane while ``gate``'s queue is CPU-bound; return True when the job has it.
 
         Raises:
             NotStarted: the process drains, and the job would have had to wait.

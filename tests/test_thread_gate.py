@@ -198,7 +198,7 @@ async def test_cancelled_waiting_job_never_starts() -> None:
     cancelled: set[int] = set()
     with ThreadPoolExecutor(2) as pool:
         executor = _executor(pool, cancelled, [])
-        running = await gate.enter()  # another job of the queue holds the thread
+        running = await gate.enter()  # another job of the queue has the thread
         job = Job(workers.SyncNoop.__obanpro_name__, {}, id=1, attempt=1)
         task = asyncio.create_task(executor.run(job, 1, gate))
         await asyncio.sleep(0.05)
